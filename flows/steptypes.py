@@ -1,0 +1,86 @@
+"""Step types: typed functions (input model -> output model) registered under a name.
+
+A pipeline step ``uses:`` a step type by name (``finetune``, ``gate``, ...) or ``python:pkg.mod:function``.
+Step modules register with :func:`step_type` and must import heavy libraries (torch, ray, great
+expectations) inside the function body, so that loading and validating policies stays fast::
+
+    class FinetuneInput(Strict):
+        base: str = Field(description="MODEL@ALIAS or MODEL:VERSION to start from.")
+
+    class FinetuneOutput(Strict):
+        version: str
+
+    @step_type("finetune")
+    def finetune(ctx: StepContext, inp: FinetuneInput) -> FinetuneOutput: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+if typing.TYPE_CHECKING:
+    from slipway.registry import Registry
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a running step gets besides its input: where it is, the registry, and the loaded policies."""
+
+    run_id: str
+    step: str
+    pipeline: str
+    model: str | None
+    params: dict[str, Any]
+    registry: Registry
+    documents: Any  # policies.loader.DocumentSet: every loaded document, by kind and name
+    actor: str = "unknown"
+    logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("slipway.step"))
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepType:
+    name: str
+    func: Callable[[StepContext, Any], BaseModel]
+    input_model: type[BaseModel]
+    output_model: type[BaseModel]
+    description: str
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.output_model.model_fields)
+
+
+STEP_TYPES: dict[str, StepType] = {}
+
+
+def step_type(name: str, *, description: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``func(ctx, inp: InputModel) -> OutputModel`` as the step type ``name``."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        st = from_function(func, name=name, description=description)
+        STEP_TYPES[name] = st
+        return func
+
+    return decorate
+
+
+def from_function(func: Callable[..., Any], *, name: str, description: str | None = None) -> StepType:
+    """Build a :class:`StepType` from a function typed ``(ctx, inp: InputModel) -> OutputModel``."""
+    hints = typing.get_type_hints(func)
+    params = [p for p in func.__code__.co_varnames[: func.__code__.co_argcount]]
+    if len(params) != 2 or params[1] not in hints or "return" not in hints:
+        raise TypeError(f"{name}: a step function is typed (ctx: StepContext, inp: InputModel) -> OutputModel")
+    inp, out = hints[params[1]], hints["return"]
+    if not (
+        isinstance(inp, type) and issubclass(inp, BaseModel) and isinstance(out, type) and issubclass(out, BaseModel)
+    ):
+        raise TypeError(f"{name}: input and output must be pydantic models")
+    doc = description if description is not None else (func.__doc__ or "").strip().split("\n")[0]
+    return StepType(name=name, func=func, input_model=inp, output_model=out, description=doc)

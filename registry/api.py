@@ -1,0 +1,81 @@
+"""The ``Registry``: an engine plus transactions that carry who is acting.
+
+Registry operations are plain functions in ``catalog``, ``runs``, ``evals``, ``serving`` and ``governance``
+that take the session first; the caller owns the transaction::
+
+    reg = Registry.from_settings()
+    with reg.session(actor="ana") as s:
+        v = catalog.create_version(s, model="demo", params={"lr": 1e-4})
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from slipway.registry import db
+from slipway.registry.errors import AlreadyExists, DatabaseUnavailable
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+
+class Registry:
+    """Entry point to the registry database."""
+
+    def __init__(self, url: str | None = None, *, engine: Engine | None = None, actor: str | None = None):
+        if engine is None:
+            if url is None:
+                raise ValueError("Registry needs a url or an engine")
+            engine = db.create_registry_engine(url)
+        self.engine = engine
+        self._sessions = db.make_sessionmaker(engine)
+        self.actor = actor
+
+    @classmethod
+    def from_settings(cls, *, actor: str | None = None) -> Registry:
+        """The registry named by ``SLIPWAY_DATABASE_URL`` (default: SQLite under ``SLIPWAY_HOME``)."""
+        from slipway.settings import get_settings
+
+        settings = get_settings()
+        return cls(settings.resolved_database_url, actor=actor or settings.resolved_actor)
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def upgrade(self, revision: str = "head") -> None:
+        db.upgrade(self.engine, revision)
+
+    def check(self) -> None:
+        """Raise :class:`DatabaseUnavailable` unless the database is reachable and migrated."""
+        db.ensure_migrated(self.engine)
+
+    @contextlib.contextmanager
+    def session(self, *, actor: str | None = None) -> Iterator[Session]:
+        """A session inside one transaction: committed on success, rolled back on any exception.
+
+        Integrity and connection failures come out as :class:`AlreadyExists` and
+        :class:`DatabaseUnavailable`; nothing from the driver reaches the caller.
+        """
+        with db.connection_errors(str(self.engine.url)):
+            s = self._sessions()
+            s.info["actor"] = actor or self.actor or "unknown"
+            try:
+                with s.begin():
+                    yield s
+            except IntegrityError as e:
+                raise AlreadyExists(f"conflicts with an existing record: {_first_line(e)}") from e
+            except OperationalError as e:
+                if "no such table" in str(e) or "does not exist" in str(e):
+                    raise DatabaseUnavailable("registry database is not initialised: run `slipway db upgrade`") from e
+                raise
+            finally:
+                s.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _first_line(e: IntegrityError) -> str:
+    return str(e.orig).strip().splitlines()[0] if e.orig else "integrity error"
