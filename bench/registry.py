@@ -18,9 +18,10 @@ import tempfile
 import time
 import uuid
 
+from sqlalchemy import create_engine, insert, text
+
 from slipway.registry import Registry, db, usage
 from slipway.registry.models import UsageRecord
-from sqlalchemy import create_engine, insert, text
 
 PG_URL = os.environ.get("SLIPWAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MODELS = [f"model-{i}" for i in range(8)]

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from slipway.registry import db
-from slipway.registry.errors import AlreadyExists, DatabaseUnavailable
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
+
+from slipway.registry import db
+from slipway.registry.errors import AlreadyExists, DatabaseUnavailable
 
 
 class Registry:

@@ -10,10 +10,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from slipway.registry.models import AuditEvent
-from slipway.registry.types import utcnow
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
+
+from slipway.registry.models import AuditEvent
+from slipway.registry.types import utcnow
 
 GENESIS = "0" * 64
 # An arbitrary constant: the PostgreSQL advisory lock that serialises writers of the audit chain.

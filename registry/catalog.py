@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
 from slipway.registry import audit
 from slipway.registry.errors import (
     AliasConflict,
@@ -28,9 +32,6 @@ from slipway.registry.models import (
     VersionStatus,
 )
 from slipway.registry.types import utcnow
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _UNSET: Any = object()

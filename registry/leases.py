@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
 from slipway.registry import audit
 from slipway.registry.catalog import get_model
 from slipway.registry.errors import LeaseHeld, NotFound
 from slipway.registry.models import PromotionLease
 from slipway.registry.types import utcnow
-from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 DEFAULT_TTL = dt.timedelta(minutes=10)
 

@@ -6,7 +6,6 @@ import datetime as dt
 import enum
 from typing import Any
 
-from slipway.registry.types import JSONType, UTCDateTime, utcnow
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -20,6 +19,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from slipway.registry.types import JSONType, UTCDateTime, utcnow
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
 from slipway.registry import audit
 from slipway.registry.errors import NotFound
 from slipway.registry.models import PipelineRun, RunStatus, StepRun
 from slipway.registry.types import utcnow
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
 
 _FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.SKIPPED, RunStatus.CANCELLED}
 

@@ -10,9 +10,10 @@ import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from slipway.registry.models import UsageRecord
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
+
+from slipway.registry.models import UsageRecord
 
 COLUMNS = (
     "ts",

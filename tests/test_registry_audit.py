@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from slipway.registry import AliasConflict, audit, catalog
 from sqlalchemy import text
+
+from slipway.registry import AliasConflict, audit, catalog
 
 
 def test_every_mutation_is_audited_in_order(registry):

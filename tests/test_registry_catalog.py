@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from slipway.registry import AlreadyExists, InvalidArgument, InvalidTransition, NotFound, VersionExists, catalog
 from slipway.registry.catalog import ArtifactSpec, VersionRef
 from slipway.registry.models import VersionStatus

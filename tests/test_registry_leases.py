@@ -6,6 +6,7 @@ import datetime as dt
 import threading
 
 import pytest
+
 from slipway.registry import LeaseHeld, audit, catalog, leases
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from slipway.registry import DatabaseUnavailable, db
-from slipway.registry.models import Base
 from sqlalchemy import inspect
 
+from slipway.registry import DatabaseUnavailable, db
+from slipway.registry.models import Base
 from tests.conftest import make_registry
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from slipway.registry.db import normalize_url
 
 from slipway.errors import ConfigError
+from slipway.registry.db import normalize_url
 from slipway.settings import Settings
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from slipway.registry.models import Base
 
 config = context.config
