@@ -202,6 +202,8 @@ class EvalRun(Base):
     role: Mapped[str] = mapped_column(String(20))  # candidate | champion | nightly | adhoc
     pipeline_run_id: Mapped[str | None] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="SET NULL"))
     dataset_digest: Mapped[str | None] = mapped_column(String(80))
+    # the champion's run over the same examples, for paired comparison
+    baseline_run_id: Mapped[int | None] = mapped_column(ForeignKey("eval_runs.id", ondelete="SET NULL"))
     n_examples: Mapped[int] = mapped_column(Integer, default=0)
     aggregates: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(20), default=RunStatus.RUNNING)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import typer
 
-from slipway.cli import registry_cmds
+from slipway.cli import eval_cmds, registry_cmds
 
 app = typer.Typer(
     name="slipway",
@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 registry_cmds.register(app)
+eval_cmds.register(app)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Evaluation: metrics over model outputs, and the paired statistics that gates decide with."""

@@ -1,0 +1,150 @@
+"""Running a gate against the registry: gather evaluations, decide, record, and wait for approvals."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from slipway.errors import SlipwayError
+from slipway.evaluation.gate import GateInputError, decide
+from slipway.evaluation.service import suite_scores
+from slipway.policies.evalsuite import EvalSuite
+from slipway.policies.gate import ApprovalRequirement, GatePolicy
+from slipway.registry import Registry, catalog, evals
+from slipway.registry.models import ComplianceFinding, ModelVersion, VersionStatus
+
+
+class GateError(SlipwayError):
+    """The gate cannot be applied (no evaluations, mixed candidates, unknown metric ...)."""
+
+
+@dataclass
+class GateResult:
+    decision: int
+    outcome: str
+    candidate: str
+    champion: str | None
+    summary: str
+    reasons: list[dict[str, Any]]
+
+
+def blocking_findings(reg: Registry, model: str) -> list[str]:
+    """Open compliance findings whose action blocks promotions of ``model``."""
+    with reg.session() as s:
+        m = catalog.get_model(s, model)
+        rows = s.scalars(
+            select(ComplianceFinding).where(
+                ComplianceFinding.model_id == m.id,
+                ComplianceFinding.status == "open",
+                ComplianceFinding.action == "block",
+            )
+        )
+        return [f"{f.rule_id} ({f.severity}): {f.message}" for f in rows]
+
+
+def run_gate(
+    reg: Registry,
+    policy: GatePolicy,
+    *,
+    suites: Mapping[str, EvalSuite],
+    candidate: str | None = None,
+    eval_ids: Sequence[int] | None = None,
+    pipeline_run_id: str | None = None,
+) -> GateResult:
+    """Decide ``policy`` for the candidate's evaluations and record the GateDecision.
+
+    A failed gate marks the version ``rejected`` with the reasons; a pass marks it ``candidate``.
+    """
+    with reg.session() as s:
+        if eval_ids:
+            runs = [evals.get_eval_run(s, i) for i in eval_ids]
+        elif pipeline_run_id:
+            runs = evals.list_eval_runs(s, pipeline_run_id=pipeline_run_id, role="candidate", limit=1000)
+        else:
+            runs = []
+        if candidate is not None:
+            version = catalog.resolve(s, candidate)
+            runs = runs or [r for r in evals.list_eval_runs(s, version=version, role="candidate", limit=1000)]
+            runs = [r for r in runs if r.version_id == version.id]
+        if not runs:
+            raise GateError("no candidate evaluations to gate on: run an `evaluate` step first (or pass `evals:` ids)")
+        version_ids = {r.version_id for r in runs}
+        if len(version_ids) != 1:
+            raise GateError("the evaluations are of several versions; name the one to gate with `candidate:`")
+        version = s.get(ModelVersion, version_ids.pop())
+        latest: dict[str, Any] = {}
+        for r in sorted(runs, key=lambda r: r.id):
+            latest[r.suite] = r  # the newest run of each suite
+        champion = None
+        baselines = [evals.get_eval_run(s, r.baseline_run_id) for r in latest.values() if r.baseline_run_id]
+        if baselines:
+            champion = s.get(ModelVersion, baselines[0].version_id)
+        cand_ref, champ_ref = version.ref, champion.ref if champion else None
+        model_name = version.model.name
+    try:
+        scores = [suite_scores(reg, r.id, suites.get(name)) for name, r in latest.items()]
+        outcome = decide(policy, scores, blocking_findings=blocking_findings(reg, model_name))
+    except GateInputError as e:
+        raise GateError(f"gate {policy.name}: {e}") from e
+    reasons = outcome.as_json()
+    with reg.session() as s:
+        v = catalog.resolve(s, cand_ref)
+        c = catalog.resolve(s, champ_ref) if champ_ref else None
+        d = evals.record_gate_decision(
+            s,
+            version=v,
+            champion=c,
+            policy=policy.name,
+            outcome=outcome.outcome,
+            reasons=reasons,
+            eval_run_ids=[r.id for r in latest.values()],
+            pipeline_run_id=pipeline_run_id,
+        )
+        if outcome.outcome == "failed" and v.status in (VersionStatus.REGISTERED, VersionStatus.CANDIDATE):
+            catalog.set_status(s, v, VersionStatus.REJECTED, reason=f"gate {policy.name} failed (decision {d.id})")
+        elif outcome.outcome == "passed" and v.status == VersionStatus.REGISTERED:
+            catalog.set_status(s, v, VersionStatus.CANDIDATE, reason=f"gate {policy.name} passed (decision {d.id})")
+        decision_id = d.id
+    return GateResult(decision_id, outcome.outcome, cand_ref, champ_ref, outcome.summary(), reasons)
+
+
+def explain(reg: Registry, decision_id: int) -> str:
+    """The decision in words, as ``slipway gate explain`` prints it."""
+    with reg.session() as s:
+        d = evals.get_gate_decision(s, decision_id)
+        v = s.get(ModelVersion, d.version_id)
+        champ = s.get(ModelVersion, d.champion_version_id) if d.champion_version_id else None
+        head = (
+            f"gate decision {d.id}: {v.ref} vs {champ.ref if champ else 'no champion'} under policy "
+            f"{d.policy}: {d.outcome.upper()}  ({d.created_at:%Y-%m-%d %H:%M:%S} UTC"
+            + (f", pipeline run {d.pipeline_run_id}" if d.pipeline_run_id else "")
+            + ")"
+        )
+        lines = [head]
+        for r in d.reasons:
+            mark = {True: "PASS", False: "FAIL", None: "UNDECIDED"}[r.get("passed")]
+            lines.append(f"  {mark:9s} {r['reason']}")
+        approvals = catalog.approvals_for(s, f"gate:{d.id}")
+        lines += [
+            f"  APPROVAL  {a.decision} by {a.approver} ({a.role or 'no role'}) at {a.created_at:%Y-%m-%d %H:%M}"
+            + (f": {a.comment}" if a.comment else "")
+            for a in approvals
+        ]
+        return "\n".join(lines)
+
+
+def wait_for_approvals(ctx: Any, result: GateResult, need: ApprovalRequirement) -> None:
+    """Pause the pipeline until ``need.count`` distinct approvers of ``need.role`` approve this decision."""
+    from slipway.flows.steps import generic  # the engine's approval mechanism (Prefect pause + wait_for_input)
+
+    generic.await_approval(
+        ctx,
+        subject=f"gate:{result.decision}",
+        role=need.role,
+        count=need.count,
+        timeout_s=need.timeout_s,
+        message=f"approve {result.candidate} (gate decision {result.decision})?\n{result.summary}",
+    )
