@@ -6,15 +6,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-
 from slipway.errors import SlipwayError
 from slipway.evaluation.gate import GateInputError, decide
 from slipway.evaluation.service import suite_scores
 from slipway.policies.evalsuite import EvalSuite
 from slipway.policies.gate import ApprovalRequirement, GatePolicy
 from slipway.registry import Registry, catalog, evals
-from slipway.registry.models import ComplianceFinding, ModelVersion, VersionStatus
+from slipway.registry.models import ModelVersion, VersionStatus
 
 
 class GateError(SlipwayError):
@@ -33,16 +31,12 @@ class GateResult:
 
 def blocking_findings(reg: Registry, model: str) -> list[str]:
     """Open compliance findings whose action blocks promotions of ``model``."""
+    from slipway.registry import findings
+
     with reg.session() as s:
-        m = catalog.get_model(s, model)
-        rows = s.scalars(
-            select(ComplianceFinding).where(
-                ComplianceFinding.model_id == m.id,
-                ComplianceFinding.status == "open",
-                ComplianceFinding.action == "block",
-            )
-        )
-        return [f"{f.rule_id} ({f.severity}): {f.message}" for f in rows]
+        return [
+            f"{f.rule_id} ({f.severity}): {f.message}" for f in findings.open_findings(s, model=model, action="block")
+        ]
 
 
 def run_gate(
