@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -62,6 +62,9 @@ class Registry:
         with db.connection_errors(str(self.engine.url)):
             s = self._sessions()
             s.info["actor"] = actor or self.actor or "unknown"
+            # Every writer takes the audit-chain lock before its first row change, so two transactions never
+            # wait on each other's rows and on the chain in opposite orders.
+            event.listen(s, "before_flush", _lock_before_writes)
             try:
                 with s.begin():
                     yield s
@@ -76,6 +79,13 @@ class Registry:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _lock_before_writes(session: Session, _ctx: object, _instances: object) -> None:
+    if session.new or session.dirty or session.deleted:
+        from slipway.registry import audit
+
+        audit.lock_chain(session)
 
 
 def _first_line(e: IntegrityError) -> str:
