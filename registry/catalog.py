@@ -53,7 +53,7 @@ _TRANSITIONS: dict[str, set[str]] = {
     VersionStatus.PRODUCTION: {VersionStatus.ARCHIVED, VersionStatus.REJECTED, VersionStatus.REGISTERED},
     VersionStatus.REJECTED: {VersionStatus.ARCHIVED},
     VersionStatus.ABORTED: {VersionStatus.CANDIDATE, VersionStatus.ARCHIVED, VersionStatus.REGISTERED},
-    VersionStatus.ARCHIVED: {VersionStatus.REGISTERED},
+    VersionStatus.ARCHIVED: {VersionStatus.REGISTERED, VersionStatus.PRODUCTION},  # rollback to it
 }
 
 

@@ -1,0 +1,1 @@
+"""Canary rollouts: the controller that walks a CanaryPlan, analyses windows, promotes or rolls back."""

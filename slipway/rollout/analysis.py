@@ -1,0 +1,82 @@
+"""Judging one analysis window: the canary's metrics against absolute bounds and against the champion's
+metrics in the same window. Pure functions over the gateway's per-version summaries."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from slipway.policies.canary import Analysis, AnalysisMetric
+
+
+@dataclass
+class Verdict:
+    status: str  # pass | fail | inconclusive
+    reasons: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status}: " + "; ".join(self.reasons) if self.reasons else self.status
+
+
+def metric_value(summary: Mapping[str, Any] | None, name: str) -> float | None:
+    """The value of an analysis metric in a gateway summary (``error_rate``, ``latency_p99`` ...)."""
+    if not summary:
+        return None
+    if name == "error_rate":
+        return float(summary.get("error_rate", 0.0))
+    family, _, q = name.partition("_")
+    key = {"latency": "latency_ms", "ttft": "ttft_ms"}.get(family)
+    if key is None:
+        return None
+    v = (summary.get(key) or {}).get(q)
+    return None if v is None else float(v)
+
+
+def judge(
+    analysis: Analysis,
+    canary: Mapping[str, Any] | None,
+    champion: Mapping[str, Any] | None,
+    quality: Mapping[str, float] | None = None,
+) -> Verdict:
+    """Judge one window. Fewer than ``min_requests`` canary requests gives no verdict (inconclusive)."""
+    served = int((canary or {}).get("requests", 0))
+    if served < analysis.min_requests:
+        return Verdict(
+            "inconclusive",
+            [f"{served} canary requests in the window, fewer than min_requests {analysis.min_requests}"],
+            {"requests": served},
+        )
+    failures: list[str] = []
+    values: dict[str, Any] = {"requests": served}
+    for m in analysis.metrics:
+        if m.name == "quality":
+            value = (quality or {}).get(m.metric or "")
+            base = None
+        else:
+            value = metric_value(canary, m.name)
+            base = metric_value(champion, m.name)
+        values[m.name] = value
+        if base is not None:
+            values[f"champion_{m.name}"] = base
+        if value is None:
+            continue  # e.g. no TTFT without streaming traffic: nothing to judge
+        failures += _check(m, value, base)
+    return Verdict("fail" if failures else "pass", failures, values)
+
+
+def _check(m: AnalysisMetric, value: float, base: float | None) -> list[str]:
+    out = []
+    r = m.thresholdRange
+    if r is not None and r.max is not None and value > r.max:
+        out.append(f"{m.name} {value:.4g} above max {r.max:g}")
+    if r is not None and r.min is not None and value < r.min:
+        out.append(f"{m.name} {value:.4g} below min {r.min:g}")
+    rel = m.relative
+    if rel is not None and base is not None:
+        if rel.max_ratio is not None and value > base * rel.max_ratio:
+            out.append(f"{m.name} {value:.4g} above {rel.max_ratio:g} x champion {base:.4g}")
+        if rel.max_increase is not None and value > base + rel.max_increase:
+            out.append(f"{m.name} {value:.4g} above champion {base:.4g} + {rel.max_increase:g}")
+    return out
