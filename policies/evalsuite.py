@@ -64,8 +64,8 @@ class EvalSuite(Document):
 
     kind: Literal["EvalSuite"] = "EvalSuite"
     dataset: str = Field(
-        description="JSONL examples: a registry dataset name, a path (relative to SLIPWAY_HOME, then the "
-        "working directory) or a file:// / s3:// URI."
+        description="JSONL examples: a dataset name (demo/eval is SLIPWAY_HOME/datasets/demo/eval.jsonl), a "
+        ".jsonl path, or a file:// / s3:// URI."
     )
     prompt_template: str = Field(
         default="{prompt}", description="Python format string over an example's fields. Default '{prompt}'."

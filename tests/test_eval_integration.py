@@ -47,7 +47,7 @@ def suite(**kw) -> EvalSuite:
             "apiVersion": "slipway/v1",
             "kind": "EvalSuite",
             "name": "qa",
-            "dataset": "datasets/qa.jsonl",
+            "dataset": "qa",
             "generation": {"max_new_tokens": 4, "batch_size": 8},
             "metrics": [{"name": "exact_match"}, {"name": "token_f1"}, {"name": "perplexity"}, {"name": "pii_leak"}],
             **kw,

@@ -18,7 +18,7 @@ SUITE = """
 apiVersion: slipway/v1
 kind: EvalSuite
 name: qa
-dataset: datasets/qa.jsonl
+dataset: qa
 generation: {max_new_tokens: 2, batch_size: 16}
 metrics: [{name: perplexity}, {name: exact_match}]
 """

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -148,34 +146,11 @@ class OpenAITarget:
         raise MetricError(f"log_likelihood / perplexity need the model in process; {self.name} is an endpoint")
 
 
-def dataset_path(spec: str) -> str:
-    """Where an EvalSuite's ``dataset`` lives: a URI as is, else a path under SLIPWAY_HOME, else cwd."""
-    if "://" in spec:
-        return spec
-    from slipway.settings import get_settings
-
-    for base in (get_settings().home, Path.cwd()):
-        p = (base / spec).expanduser()
-        if p.exists():
-            return str(p.resolve())
-    raise MetricError(f"evaluation dataset {spec!r} not found under {get_settings().home} or {Path.cwd()}")
-
-
-def read_jsonl(location: str) -> tuple[list[dict[str, Any]], str]:
-    """Rows of a JSONL file (local path or artifact URI) and the sha256 of its bytes."""
-    if "://" in location and not location.startswith("file://"):
-        from slipway.artifacts import store_for_uri
-
-        store, key = store_for_uri(location)
-        data = store.read_bytes(key)
-    else:
-        data = Path(location.removeprefix("file://")).read_bytes()
-    rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-    return rows, "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def load_examples(suite: EvalSuite, *, limit: int | None = None) -> tuple[list[Example], str]:
-    rows, digest = read_jsonl(dataset_path(suite.dataset))
+    from slipway.datasets import resolve
+
+    ds = resolve(suite.dataset)
+    rows, digest = ds.rows(), ds.digest
     n = min(x for x in (limit, suite.limit, len(rows)) if x is not None)
     examples = []
     for i, row in enumerate(rows[:n]):
