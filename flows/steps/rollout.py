@@ -1,0 +1,210 @@
+"""The ``canary``, ``promote`` and ``rollback`` steps: roll a candidate out beside the champion on Ray Serve,
+move ``production`` when it holds, or put the previous version back."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from slipway.flows.steptypes import StepContext, step_type
+from slipway.policies.kinds import DocRef, Strict
+
+log = logging.getLogger(__name__)
+
+
+class TrafficSpec(Strict):
+    rps: float = Field(default=20.0, gt=0, le=500, description="Requests per second sent through the gateway.")
+    suite: Annotated[str | None, DocRef("EvalSuite")] = Field(
+        default=None, description="Take prompts from this EvalSuite's dataset. Default: a fixed prompt."
+    )
+    max_tokens: int = Field(default=16, ge=1, le=512, description="max_tokens of each request. Default 16.")
+
+
+class CanaryInput(Strict):
+    plan: Annotated[str, DocRef("CanaryPlan")] = Field(description="CanaryPlan to walk.")
+    candidate: str = Field(description="Version to roll out: MODEL:VERSION.")
+    serving: Annotated[str | None, DocRef("ServingConfig")] = Field(
+        default=None, description="ServingConfig of the model. Default: ServingConfig.for_model(MODEL)."
+    )
+    traffic: TrafficSpec | None = Field(
+        default=None, description="Synthetic traffic during the rollout (demos and tests). Default none."
+    )
+
+
+class CanaryOutput(Strict):
+    outcome: str = Field(description="completed (the step fails when the canary is rolled back).")
+    candidate: str
+    champion: str
+    base_url: str
+    worst_case_rollback_s: float
+    timeline: list[dict[str, Any]]
+    traffic: dict[str, int] = Field(default_factory=dict, description="Synthetic requests sent / failed.")
+
+
+def _serving_config(ctx: StepContext, name: str | None, model: str) -> Any:
+    from slipway.policies.serving import ServingConfig
+
+    if name is not None:
+        return ctx.documents.get("ServingConfig", name)
+    found = [d.doc for d in ctx.documents.of_kind("ServingConfig") if d.doc.model == model]
+    return found[0] if found else ServingConfig.for_model(model)
+
+
+@step_type("canary")
+def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
+    """Roll the candidate out under a CanaryPlan; roll back automatically (the step fails) when it misbehaves."""
+    from slipway.registry import catalog, leases
+    from slipway.rollout import promotion
+    from slipway.rollout.controller import LEASE_TTL, Controller, RolledBack
+    from slipway.serve import control, local
+
+    plan = ctx.documents.get("CanaryPlan", inp.plan)
+    reg = ctx.registry
+    with reg.session() as s:
+        cand = catalog.resolve(s, inp.candidate)
+        model, number = cand.model.name, cand.version
+        champ = catalog.find_alias(s, model, "production")
+        if champ is None:
+            raise promotion.PromotionError(
+                f"{model} has no production version to canary against; "
+                f"promote a first version with `slipway alias set {model} production N`"
+            )
+        champion = champ.version.version
+    if champion == number:
+        raise promotion.PromotionError(f"{model}:{number} already is production")
+    cfg = _serving_config(ctx, inp.serving, model)
+    holder = promotion.holder_id(ctx.run_id)
+    local.connect(start=True)
+    promotion.reconcile(reg, control, model=model, config=cfg)  # a dead earlier promotion is cleaned up first
+    with reg.session(actor=ctx.actor) as s:
+        leases.acquire(s, model=model, holder=holder, run_id=ctx.run_id, ttl=LEASE_TTL)
+    up = local.up(reg, models=[model], configs={model: cfg})
+    base = up["base_url"]
+    traffic = _start_traffic(ctx, inp.traffic, base, model) if inp.traffic else None
+    try:
+        result = Controller(
+            reg,
+            plan,
+            model=model,
+            candidate=number,
+            champion=champion,
+            holder=holder,
+            control=control,
+            serving_config=cfg,
+            run_id=ctx.run_id,
+        ).run()
+    except BaseException:
+        _release(reg, model, holder)
+        raise
+    finally:
+        sent = traffic.stop() if traffic else []
+    counts = {"sent": len(sent), "failed": sum(1 for o in sent if o.status == 0 or o.status >= 500)}
+    timeline = [{"t": e.t, "event": e.event, **e.detail} for e in result.timeline]
+    if result.outcome != "completed":
+        _release(reg, model, holder)
+        raise RolledBack(
+            f"canary of {result.candidate} rolled back after {result.rollback_at:.2f} s: "
+            f"{result.reason} (synthetic traffic: {counts['failed']} of {counts['sent']} failed)"
+        )
+    return CanaryOutput(
+        outcome=result.outcome,
+        candidate=result.candidate,
+        champion=result.champion,
+        base_url=base,
+        worst_case_rollback_s=plan.worst_case_rollback_s,
+        timeline=timeline,
+        traffic=counts,
+    )
+
+
+def _release(reg: Any, model: str, holder: str) -> None:
+    from slipway.registry import leases
+
+    with reg.session() as s:
+        leases.release(s, model=model, holder=holder)
+
+
+def _start_traffic(ctx: StepContext, spec: TrafficSpec, base: str, model: str) -> Any:
+    from slipway.registry import keys
+    from slipway.rollout.traffic import Traffic
+
+    prompts = ["Extract the person and the city as JSON.\nText: Ana moved to Lisbon last year.\nJSON:"]
+    if spec.suite is not None:
+        from slipway.evaluation.runner import load_examples
+
+        examples, _ = load_examples(ctx.documents.get("EvalSuite", spec.suite), limit=200)
+        prompts = [e.prompt for e in examples] or prompts
+    with ctx.registry.session(actor=ctx.actor) as s:
+        _key, secret = keys.create_key(s, name=f"canary-traffic-{ctx.run_id[:8]}", models=[model])
+    return Traffic(f"{base}/v1", secret, model, prompts, rps=spec.rps, max_tokens=spec.max_tokens).start()
+
+
+class PromoteInput(Strict):
+    candidate: str = Field(description="Version to make production: MODEL:VERSION (usually the canary's).")
+    approval: int | None = Field(default=None, description="Approval id, when production is protected.")
+    role: str | None = Field(default=None, description="Role, when production is protected.")
+    drain_timeout_s: float = Field(default=30, ge=0, description="Wait for the old champion's requests. Default 30.")
+
+
+class PromoteOutput(Strict):
+    production: str
+    previous: str | None
+
+
+@step_type("promote")
+def promote(ctx: StepContext, inp: PromoteInput) -> PromoteOutput:
+    """Compare-and-set ``production`` to the candidate under the promotion lease; retire the old champion."""
+    from slipway.registry import catalog
+    from slipway.rollout import promotion
+    from slipway.serve import control, local
+
+    with ctx.registry.session() as s:
+        v = catalog.resolve(s, inp.candidate)
+        model, number = v.model.name, v.version
+    holder = promotion.holder_id(ctx.run_id)
+    serving = None
+    try:
+        local.connect(start=False)
+        serving = control
+    except Exception as e:  # registry-only promotion when nothing serves (the alias still moves)
+        log.warning("serving unreachable, moving the alias only: %s", e)
+    try:
+        out = promotion.promote(
+            ctx.registry,
+            serving,
+            model=model,
+            candidate=number,
+            holder=holder,
+            approval_id=inp.approval,
+            role=inp.role,
+            run_id=ctx.run_id,
+            drain_timeout_s=inp.drain_timeout_s,
+        )
+    finally:
+        _release(ctx.registry, model, holder)
+    prev = out["previous"]
+    return PromoteOutput(production=f"{model}:{number}", previous=f"{model}:{prev}" if prev else None)
+
+
+class RollbackInput(Strict):
+    model: str = Field(description="Model whose production version is put back.")
+    to: int | None = Field(default=None, description="Version to return to. Default: the previous production.")
+    reason: str = Field(default="pipeline rollback step", description="Why, for the record.")
+
+
+class RollbackOutput(Strict):
+    production: str
+    previous: str
+
+
+@step_type("rollback")
+def rollback(ctx: StepContext, inp: RollbackInput) -> RollbackOutput:
+    """Put ``production`` back on the previous version (or ``to``), serving included."""
+    from slipway.rollout import promotion
+    from slipway.serve import control, local
+
+    local.connect(start=False)
+    out = promotion.rollback(ctx.registry, control, model=inp.model, to=inp.to, reason=inp.reason)
+    return RollbackOutput(production=f"{inp.model}:{out['production']}", previous=f"{inp.model}:{out['previous']}")
