@@ -3,7 +3,9 @@ move ``production`` when it holds, or put the previous version back."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import uuid
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -128,6 +130,7 @@ def _release(reg: Any, model: str, holder: str) -> None:
 
 def _start_traffic(ctx: StepContext, spec: TrafficSpec, base: str, model: str) -> Any:
     from slipway.registry import keys
+    from slipway.registry.types import utcnow
     from slipway.rollout.traffic import Traffic
 
     prompts = ["Extract the person and the city as JSON.\nText: Ana moved to Lisbon last year.\nJSON:"]
@@ -137,7 +140,8 @@ def _start_traffic(ctx: StepContext, spec: TrafficSpec, base: str, model: str) -
         examples, _ = load_examples(ctx.documents.get("EvalSuite", spec.suite), limit=200)
         prompts = [e.prompt for e in examples] or prompts
     with ctx.registry.session(actor=ctx.actor) as s:
-        _key, secret = keys.create_key(s, name=f"canary-traffic-{ctx.run_id[:8]}", models=[model])
+        name = f"canary-traffic-{ctx.run_id[:8]}-{uuid.uuid4().hex[:6]}"
+        _key, secret = keys.create_key(s, name=name, models=[model], expires_at=utcnow() + dt.timedelta(hours=1))
     return Traffic(f"{base}/v1", secret, model, prompts, rps=spec.rps, max_tokens=spec.max_tokens).start()
 
 
