@@ -94,3 +94,25 @@ def upsert_step(s: Session, run_id: str, name: str, *, step_type: str, **fields:
 
 def is_finished(status: str) -> bool:
     return status in _FINISHED
+
+
+def set_run_status(s: Session, run_id: str, status: RunStatus | str) -> PipelineRun:
+    """Move a run between running and paused (progress, not a decision: not audited)."""
+    run = s.get(PipelineRun, run_id, populate_existing=True)
+    if run is None:
+        raise NotFound(f"no pipeline run {run_id!r}")
+    run.status = RunStatus(status)
+    return run
+
+
+def set_orchestrator_run(s: Session, run_id: str, prefect_flow_run_id: str | None) -> PipelineRun:
+    """Remember the Prefect flow run that executes ``run_id`` (to resume it after an approval)."""
+    run = s.get(PipelineRun, run_id, populate_existing=True)
+    if run is None:
+        raise NotFound(f"no pipeline run {run_id!r}")
+    run.prefect_flow_run_id = prefect_flow_run_id
+    return run
+
+
+def get_step(s: Session, run_id: str, name: str) -> StepRun | None:
+    return s.scalar(select(StepRun).where(StepRun.run_id == run_id, StepRun.name == name))

@@ -1,0 +1,462 @@
+"""The runner: a Prefect flow that executes a compiled pipeline and records it in the registry.
+
+The flow body is a small scheduler. A step is decided once all its ``needs`` are finished: skipped (its
+``if:`` is false; by default it runs only when every need succeeded), reused (``resume`` from a run where
+it succeeded with the same inputs), or submitted as a Prefect task that carries the step's retries and
+timeout. Independent steps therefore run concurrently on Prefect's task runner, and a failure skips
+exactly the steps downstream of it whose conditions need success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import queue
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+from pydantic import ValidationError
+
+from slipway.flows.compiler import Plan, PlannedStep, load_plan, resolve_params
+from slipway.flows.steptypes import StepContext
+from slipway.policies import expressions as ex
+from slipway.policies.loader import DocumentSet
+from slipway.registry import Registry, runs
+from slipway.registry.models import RunStatus
+from slipway.registry.types import utcnow
+
+log = logging.getLogger("slipway.runner")
+
+# A registry handed in by the Python API (tests, embedding); a deployment run uses the settings.
+_registry: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("slipway_registry", default=None)
+
+
+class StepInputError(ValueError):
+    """A step's rendered inputs do not fit its input model (known only once upstream outputs exist)."""
+
+
+class PipelineFailed(RuntimeError):
+    """The pipeline run ended failed (its record says why)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    status: str
+    error: str | None
+    outputs: dict[str, dict[str, Any]]
+
+
+@contextlib.contextmanager
+def using_registry(reg: Registry) -> Iterator[None]:
+    """Run pipelines in this context against ``reg`` instead of the registry named by the settings."""
+    token = _registry.set(reg)
+    try:
+        yield
+    finally:
+        _registry.reset(token)
+
+
+def _open_registry() -> Registry:
+    reg = _registry.get()
+    if reg is not None:
+        return reg
+    from slipway.cli._context import open_registry
+
+    return open_registry()
+
+
+@flow(name="slipway-pipeline", flow_run_name="{pipeline}", log_prints=False, validate_parameters=True)
+def run_pipeline(
+    pipeline: str,
+    params: dict[str, Any] | None = None,
+    resume: str | None = None,
+    policies: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline ``pipeline`` (a YAML file or the name of a Pipeline under ``policies``).
+
+    ``resume`` names a previous run whose succeeded steps are reused when their inputs are unchanged.
+    Returns ``{run_id, status, error, outputs}``; the flow run fails when the pipeline fails.
+    """
+    plan, docs = load_plan(pipeline, policies=policies)
+    reg = _open_registry()
+    result = _Execution(plan, docs, reg, params or {}, resume=resume, run_id=run_id).run()
+    summary = {"run_id": result.run_id, "status": result.status, "error": result.error, "outputs": result.outputs}
+    if result.status != RunStatus.SUCCEEDED:
+        return Failed(message=f"pipeline run {result.run_id} failed: {result.error}", data=summary)  # type: ignore[return-value]
+    return Completed(message=f"pipeline run {result.run_id} succeeded", data=summary)  # type: ignore[return-value]
+
+
+def run(
+    pipeline: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    resume: str | None = None,
+    policies: str | None = None,
+    registry: Registry | None = None,
+    run_id: str | None = None,
+) -> RunResult:
+    """Run a pipeline in this process (a Prefect flow run) and wait for it; the recorded outcome.
+
+    Raises :class:`PolicyError`/:class:`ParamError` before anything runs when the pipeline or params are bad.
+    """
+    # Check first, so bad input is one clear error and no flow run exists.
+    plan, _ = load_plan(pipeline, policies=policies)
+    if resume is None:  # a resumed run takes its params from the run it resumes
+        resolve_params(plan.pipeline, params or {})
+    run_id = run_id or str(uuid.uuid4())
+    with using_registry(registry) if registry is not None else contextlib.nullcontext():
+        run_pipeline(pipeline, dict(params or {}), resume, policies, run_id, return_state=True)
+        reg = registry or _open_registry()
+    with reg.session() as s:
+        r = runs.get_run(s, run_id)
+        outputs = {st.name: dict(st.outputs or {}) for st in r.steps}
+        return RunResult(run_id=r.id, status=r.status, error=r.error, outputs=outputs)
+
+
+# --- the scheduler ------------------------------------------------------------------------------------
+
+
+class _Execution:
+    def __init__(
+        self,
+        plan: Plan,
+        docs: DocumentSet,
+        reg: Registry,
+        given: Mapping[str, Any],
+        *,
+        resume: str | None,
+        run_id: str | None,
+    ):
+        self.plan = plan
+        self.docs = docs
+        self.reg = reg
+        self.resume = resume
+        self.run_id = run_id or str(uuid.uuid4())
+        self.status: dict[str, str] = {}
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.previous: dict[str, Any] = {}
+        self.previous_run: str | None = None
+        self.given = dict(given)
+        self.done: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.logger: Any = log
+        self._tasks: dict[tuple[Any, ...], Any] = {}
+
+    # Prefect's run logger when inside a flow run, so steps' messages reach the UI.
+    def _logger(self) -> Any:
+        try:
+            return get_run_logger()
+        except Exception:
+            return log
+
+    def run(self) -> RunResult:
+        from prefect.runtime import flow_run
+
+        self.logger = self._logger()
+        p = self.plan.pipeline
+        with self.reg.session() as s:
+            if self.resume:
+                prev = runs.get_run(s, self.resume)
+                if prev.pipeline != p.name:
+                    raise PipelineFailed(f"run {prev.id} is of pipeline {prev.pipeline!r}, not {p.name!r}")
+                if not runs.is_finished(prev.status):
+                    raise PipelineFailed(f"run {prev.id} is {prev.status}; only a finished run can be resumed")
+                self.previous_run = prev.id
+                self.previous = {
+                    st.name: (st.status, st.inputs, st.outputs, st.step_type, st.reused_from) for st in prev.steps
+                }
+                self.given = {**(prev.params or {}), **self.given}
+        self.params = resolve_params(p, self.given)
+        spec = {**p.model_dump(mode="json", by_alias=True, exclude_defaults=True), "source": self.plan.source}
+        with self.reg.session() as s:
+            runs.create_run(
+                s,
+                pipeline=p.name,
+                model=p.model,
+                params=self.params,
+                spec=spec,
+                resumed_from=self.previous_run,
+                run_id=self.run_id,
+            )
+            fr = flow_run.get_id()
+            runs.set_orchestrator_run(s, self.run_id, str(fr) if fr else None)
+            for name in self.plan.order:
+                runs.upsert_step(
+                    s, self.run_id, name, step_type=self.plan.steps[name].spec.uses, status=RunStatus.PENDING
+                )
+        error: str | None = None
+        try:
+            self._schedule()
+        except BaseException as e:
+            error = f"runner stopped: {type(e).__name__}: {e}"
+            self._finish(RunStatus.FAILED, error)
+            raise
+        failed = [n for n in self.plan.order if self.status.get(n) == RunStatus.FAILED]
+        if failed:
+            error = "; ".join(f"step {n!r} failed: {self._errors.get(n, '')}" for n in failed)
+            self._finish(RunStatus.FAILED, error)
+        else:
+            self._finish(RunStatus.SUCCEEDED, None)
+        return RunResult(self.run_id, RunStatus.FAILED if failed else RunStatus.SUCCEEDED, error, self.outputs)
+
+    def _finish(self, status: RunStatus, error: str | None) -> None:
+        with self.reg.session() as s:
+            for name in self.plan.order:
+                if name not in self.status:  # the runner stopped before deciding it
+                    runs.upsert_step(
+                        s, self.run_id, name, step_type=self.plan.steps[name].spec.uses, status=RunStatus.CANCELLED
+                    )
+            runs.finish_run(s, self.run_id, status=status, error=error)
+
+    _errors: dict[str, str]
+
+    def _schedule(self) -> None:
+        self._errors = {}
+        waiting = list(self.plan.order)
+        running = 0
+        limit = self.plan.pipeline.max_parallel or len(waiting)
+        while waiting or running:
+            batch: list[tuple[PlannedStep, dict[str, Any]]] = []
+            for name in list(waiting):
+                if running + len(batch) >= limit:
+                    break
+                step = self.plan.steps[name]
+                if any(n not in self.status for n in step.needs):
+                    continue
+                waiting.remove(name)
+                inputs = self._decide(step)
+                if inputs is not None:
+                    batch.append((step, inputs))
+            if batch:
+                self._submit(batch)
+                running += len(batch)
+            if not running:
+                continue
+            finished = [self.done.get()]
+            while True:  # take every step that finished meanwhile, to record them together
+                try:
+                    finished.append(self.done.get_nowait())
+                except queue.Empty:
+                    break
+            running -= len(finished)
+            self._collect(finished)
+
+    def _scope(self, step: PlannedStep) -> ex.Scope:
+        return ex.Scope(
+            params=self.params,
+            outputs=self.outputs,
+            upstream_status={n: self.status[n] for n in step.needs},
+        )
+
+    def _decide(self, step: PlannedStep) -> dict[str, Any] | None:
+        """Skip or reuse ``step`` (None), or its rendered inputs when it must run."""
+        scope = self._scope(step)
+        try:
+            wanted = (
+                bool(ex.evaluate(step.condition, scope))
+                if step.condition is not None
+                else all(self.status[n] == RunStatus.SUCCEEDED for n in step.needs)
+            )
+            inputs = ex.render(step.spec.with_, scope) if wanted else {}
+        except ex.ExpressionError as e:
+            self._record_final(step, RunStatus.FAILED, error=f"expression: {e}")
+            return None
+        if not wanted:
+            reason = self._skip_reason(step)
+            self._record_final(step, RunStatus.SKIPPED, error=reason)
+            return None
+        prev = self.previous.get(step.name)
+        if (
+            prev is not None
+            and prev[0] == RunStatus.SUCCEEDED
+            and prev[3] == step.spec.uses
+            and prev[1] == _jsonable(inputs)
+            and all(self.status[n] == RunStatus.SUCCEEDED for n in step.needs)
+        ):
+            self.outputs[step.name] = dict(prev[2] or {})
+            self._record_final(
+                step,
+                RunStatus.SUCCEEDED,
+                inputs=inputs,
+                outputs=prev[2] or {},
+                reused_from=prev[4] or self.previous_run,
+            )
+            return None
+        return inputs
+
+    def _skip_reason(self, step: PlannedStep) -> str:
+        bad = [n for n in step.needs if self.status[n] != RunStatus.SUCCEEDED]
+        if step.condition is None and bad:
+            return "skipped: " + ", ".join(f"{n!r} {self.status[n]}" for n in bad)
+        return f"skipped: if: {step.spec.if_} is false"
+
+    def _record_final(self, step: PlannedStep, status: str, **fields: Any) -> None:
+        self.status[step.name] = status
+        if status == RunStatus.FAILED:
+            self._errors[step.name] = fields.get("error") or ""
+        now = utcnow()
+        with self.reg.session() as s:
+            runs.upsert_step(
+                s, self.run_id, step.name, step_type=step.spec.uses, status=status, finished_at=now, **fields
+            )
+
+    def _submit(self, batch: list[tuple[PlannedStep, dict[str, Any]]]) -> None:
+        """Mark the steps running in one transaction, then hand each to Prefect as a task."""
+        now = utcnow()
+        with self.reg.session() as s:
+            for step, inputs in batch:
+                runs.upsert_step(
+                    s,
+                    self.run_id,
+                    step.name,
+                    step_type=step.spec.uses,
+                    status=RunStatus.RUNNING,
+                    inputs=inputs,
+                    started_at=now,
+                )
+        for step, inputs in batch:
+            future = self._task_for(step).submit(step=step.name, inputs=inputs)
+            future.add_done_callback(lambda f, name=step.name: self.done.put((name, f)))
+
+    def _task_for(self, step: PlannedStep) -> Any:
+        """One Prefect task per distinct retries/timeout: building a Task costs milliseconds, so reuse it."""
+        spec = step.spec
+        key = (spec.retries, spec.retry_delay, spec.timeout)
+        if key not in self._tasks:
+            self._tasks[key] = task(
+                _step_body(self),
+                name="slipway-step",
+                task_run_name="{step}",
+                retries=spec.retries,
+                retry_delay_seconds=spec.retry_delay,
+                timeout_seconds=spec.timeout,
+                cache_policy=NO_CACHE,
+                persist_result=False,
+            )
+        return self._tasks[key]
+
+    def _collect(self, finished: list[tuple[str, Any]]) -> None:
+        """Record finished tasks: every success in one transaction, each failure with its error."""
+        succeeded: list[tuple[str, dict[str, Any]]] = []
+        for name, future in finished:
+            future.wait()  # the callback can run before the future holds its final state
+            state = future.state
+            if state.is_completed():
+                done = future.result()
+                self.outputs[name] = done["outputs"]
+                self.status[name] = RunStatus.SUCCEEDED
+                succeeded.append((name, done))
+                continue
+            with self.reg.session() as s:
+                rec = runs.get_step(s, self.run_id, name)
+                recorded = rec.error if rec is not None and rec.status == RunStatus.FAILED else None
+            self._record_final(self.plan.steps[name], RunStatus.FAILED, error=recorded or _state_error(state))
+        if succeeded:
+            with self.reg.session() as s:
+                for name, done in succeeded:
+                    runs.upsert_step(
+                        s,
+                        self.run_id,
+                        name,
+                        step_type=self.plan.steps[name].spec.uses,
+                        status=RunStatus.SUCCEEDED,
+                        error=None,
+                        **done,
+                    )
+
+
+def _state_error(state: Any) -> str:
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as e:
+        return _describe(e)
+    return state.message or state.name
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError) or type(e).__name__ in ("TaskRunTimeoutError", "TimeoutError"):
+        return f"timed out: {e}" if str(e) else "timed out"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _input_problems(step_type: str, e: ValidationError) -> str:
+    from slipway.policies.loader import format_path, friendly
+
+    parts = [
+        f"{format_path(tuple(err['loc'])) or 'with'}: {friendly(err, value=err.get('input'))}"
+        for err in e.errors(include_url=False)
+    ]
+    return f"inputs of {step_type}: " + "; ".join(parts)
+
+
+def _jsonable(value: Any) -> Any:
+    from slipway.registry.audit import jsonable
+
+    return jsonable(value)
+
+
+def _step_body(execution: _Execution) -> Any:
+    """The function Prefect runs (and retries) for a step: validate input, call, record once."""
+    reg, run_id = execution.reg, execution.run_id
+    first_start: dict[str, Any] = {}
+
+    def run_step(step: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        from prefect.runtime import task_run
+
+        planned = execution.plan.steps[step]
+        st, name, retries = planned.type, planned.name, planned.spec.retries
+        attempt = task_run.get_run_count() or 1
+        # The scheduler recorded the step as running; the one write here carries when it really started.
+        first_start.setdefault(name, utcnow())
+        try:
+            try:
+                inp = st.input_model.model_validate(inputs)
+            except ValidationError as e:
+                raise StepInputError(_input_problems(st.name, e)) from None
+            ctx = StepContext(
+                run_id=run_id,
+                step=name,
+                pipeline=execution.plan.pipeline.name,
+                model=execution.plan.pipeline.model,
+                params=dict(execution.params),
+                registry=reg,
+                documents=execution.docs,
+                actor=reg.actor or "unknown",
+                logger=execution.logger,
+            )
+            out = st.func(ctx, inp)
+            out = out if isinstance(out, st.output_model) else st.output_model.model_validate(out)
+            outputs = out.model_dump(mode="json")
+        except BaseException as e:
+            final = attempt > retries
+            # Prefect enforces timeout: by cancelling the attempt's thread; say what happened in our words.
+            what = _describe(e)
+            if type(e).__name__ == "CancelledError" and planned.spec.timeout:
+                what = f"timed out after {planned.spec.timeout:g} s"
+            message = what if final else f"attempt {attempt} failed, retrying: {what}"
+            with reg.session() as s:
+                runs.upsert_step(
+                    s,
+                    run_id,
+                    name,
+                    step_type=planned.spec.uses,
+                    status=RunStatus.FAILED if final else RunStatus.RUNNING,
+                    error=message,
+                    attempts=attempt,
+                    started_at=first_start[name],
+                    finished_at=utcnow() if final else None,
+                )
+            raise
+        # Success is recorded by the scheduler, batched with other finished steps: one write per batch
+        # instead of one per step keeps concurrent steps from queueing on the registry's write lock.
+        return {"outputs": outputs, "attempts": attempt, "started_at": first_start[name], "finished_at": utcnow()}
+
+    return run_step
