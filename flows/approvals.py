@@ -58,7 +58,15 @@ def _input_model() -> Any:
     return ApprovalInput
 
 
-def wait_for_approval(ctx: StepContext, *, subject: str | None, role: str | None, timeout: float) -> Given:
+def wait_for_approval(
+    ctx: StepContext,
+    *,
+    subject: str | None,
+    role: str | None,
+    timeout: float,
+    step_type: str = "approve",
+    key: str | None = None,
+) -> Given:
     """Pause the flow run until :func:`give_approval` resumes it; the recorded decision.
 
     Raises :class:`RuntimeError` when no decision comes within ``timeout`` seconds.
@@ -71,7 +79,11 @@ def wait_for_approval(ctx: StepContext, *, subject: str | None, role: str | None
 
     reg = ctx.registry
     with reg.session(actor=ctx.actor) as s:
-        runs.upsert_step(s, ctx.run_id, ctx.step, step_type="approve", status=RunStatus.PAUSED)
+        # what the approver must match, for `slipway approve` (any step type can wait: approve, gate, ...)
+        awaiting = {"subject": subject or default_subject(ctx.run_id, ctx.step), "role": role}
+        runs.upsert_step(
+            s, ctx.run_id, ctx.step, step_type=step_type, status=RunStatus.PAUSED, outputs={"awaiting": awaiting}
+        )
         runs.set_run_status(s, ctx.run_id, RunStatus.PAUSED)
     ctx.logger.info("step %s waits for an approval: slipway approve %s --step %s", ctx.step, ctx.run_id, ctx.step)
     try:
@@ -79,13 +91,13 @@ def wait_for_approval(ctx: StepContext, *, subject: str | None, role: str | None
             wait_for_input=_input_model(),
             timeout=max(1, math.ceil(timeout)),
             poll_interval=POLL_SECONDS,
-            key=f"approve-{ctx.step}",
+            key=key or f"approve-{ctx.step}",
         )
     except FlowPauseTimeout as e:
         raise RuntimeError(f"no approval within {timeout:g} s") from e
     finally:
         with reg.session(actor=ctx.actor) as s:
-            runs.upsert_step(s, ctx.run_id, ctx.step, step_type="approve", status=RunStatus.RUNNING)
+            runs.upsert_step(s, ctx.run_id, ctx.step, step_type=step_type, status=RunStatus.RUNNING)
             runs.set_run_status(s, ctx.run_id, RunStatus.RUNNING)
     given = _read_approval(reg, answer.approval_id)
     expected = subject or default_subject(ctx.run_id, ctx.step)
@@ -153,10 +165,11 @@ def give_approval(
                 names = ", ".join(st.name for st in waiting) or "none"
                 raise ApprovalError(f"step {step!r} of run {run.id} is not waiting for an approval (waiting: {names})")
             target = found[0]
-        required = (target.inputs or {}).get("role")
+        awaiting = (target.outputs or {}).get("awaiting") or target.inputs or {}
+        required = awaiting.get("role")
         if required and role != required:
             raise ApprovalError(f"step {target.name!r} needs an approval by role {required!r}: pass --role {required}")
-        subject = (target.inputs or {}).get("subject") or default_subject(run.id, target.name)
+        subject = awaiting.get("subject") or default_subject(run.id, target.name)
         if not run.prefect_flow_run_id:
             raise ApprovalError(f"run {run.id} has no Prefect flow run to resume")
         appr = catalog.record_approval(s, subject=subject, decision=decision, role=role, comment=comment)

@@ -131,14 +131,30 @@ def explain(reg: Registry, decision_id: int) -> str:
 
 
 def wait_for_approvals(ctx: Any, result: GateResult, need: ApprovalRequirement) -> None:
-    """Pause the pipeline until ``need.count`` distinct approvers of ``need.role`` approve this decision."""
-    from slipway.flows.steps import generic  # the engine's approval mechanism (Prefect pause + wait_for_input)
+    """Pause the pipeline until ``need.count`` distinct approvers of ``need.role`` approve this decision.
 
-    generic.await_approval(
-        ctx,
-        subject=f"gate:{result.decision}",
-        role=need.role,
-        count=need.count,
-        timeout_s=need.timeout_s,
-        message=f"approve {result.candidate} (gate decision {result.decision})?\n{result.summary}",
-    )
+    Each approval resumes the run (``slipway approve RUN_ID --role ROLE``); a rejection fails the gate.
+    """
+    from slipway.flows import approvals
+
+    approvers: set[str] = set()
+    attempt = 0
+    while len(approvers) < need.count:
+        attempt += 1
+        given = approvals.wait_for_approval(
+            ctx,
+            subject=f"gate:{result.decision}",
+            role=need.role,
+            timeout=need.timeout_s,
+            step_type="gate",
+            key=f"gate-{result.decision}-{attempt}",
+        )
+        if given.decision != "approved":
+            result.outcome = "rejected"
+            result.summary += f"\n  REJECTED by {given.approver}" + (f": {given.comment}" if given.comment else "")
+            return
+        if given.approver in approvers:
+            ctx.logger.info(
+                "%s already approved; %d distinct approvals still needed", given.approver, need.count - len(approvers)
+            )
+        approvers.add(given.approver)
