@@ -1,0 +1,155 @@
+"""``ServingConfig``: how one model is served — replicas, GPU placement, batching, limits, cache.
+
+The same validated object drives the code (``slipway.serve.control.deploy_version``) and the generated Ray
+Serve config (``slipway serve config``), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from slipway.policies.kinds import NAME_PATTERN, Document, Strict, register_kind
+
+
+class ActorOptions(Strict):
+    """Resources of one model-server replica (Ray ``ray_actor_options``)."""
+
+    num_cpus: float = Field(default=1.0, ge=0.0, le=256.0, description="CPUs per replica. Default 1; 0-256.")
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=16.0,
+        description="GPUs per replica; fractional shares a GPU (0.5 → two replicas per GPU). Default 0; 0-16.",
+    )
+
+
+class Autoscaling(Strict):
+    """Ray Serve ``autoscaling_config`` for the model server."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Fewest replicas. Default 1; 0-1000.")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas. Default 4; 1-1000.")
+    target_ongoing_requests: float = Field(
+        default=16.0, gt=0.0, le=10000.0, description="Requests per replica the autoscaler aims for. Default 16."
+    )
+
+    @model_validator(mode="after")
+    def min_replicas_not_above_max_replicas(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class RateLimitDefaults(Strict):
+    """Limits for keys that carry none of their own."""
+
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute per key. Default unlimited; ≥ 1.")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute per key. Default unlimited; ≥ 1.")
+
+
+class CacheSpec(Strict):
+    """Exact-match response cache for deterministic (temperature 0) requests, kept in Redis."""
+
+    enabled: bool = Field(default=False, description="Cache answers of temperature-0 requests. Default false.")
+    ttl_s: int = Field(default=300, ge=1, le=86400 * 7, description="Entry lifetime in seconds. Default 300; 1-604800.")
+
+
+@register_kind
+class ServingConfig(Document):
+    """How one model is served. Every live version of the model runs with these settings."""
+
+    kind: Literal["ServingConfig"] = "ServingConfig"
+    model: str = Field(pattern=NAME_PATTERN, description="Registered model this config serves.")
+    backend: Literal["hf", "echo"] = Field(
+        default="hf",
+        description="hf: a transformers causal LM from the registry; echo: a weightless stand-in that repeats "
+        "the prompt (routing tests and benchmarks of the serving path). Default hf.",
+    )
+    num_replicas: int | None = Field(
+        default=1, ge=1, le=1000, description="Fixed replica count; null with autoscaling. Default 1; 1-1000."
+    )
+    autoscaling: Autoscaling | None = Field(default=None, description="Autoscale instead of a fixed count.")
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="Largest generation batch. Default 32; 1-1024.")
+    batch_wait_timeout_s: float = Field(
+        default=0.02, ge=0.0, le=5.0, description="Longest wait for a batch to fill, seconds. Default 0.02; 0-5."
+    )
+    max_ongoing_requests: int = Field(
+        default=64,
+        ge=1,
+        le=100000,
+        description="Requests one replica holds at once; must be ≥ max_batch_size or batches never fill. Default 64.",
+    )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=-1,
+        le=1000000,
+        description="Requests queued per caller before the gateway answers 503; -1 unbounded. Default 256.",
+    )
+    max_prompt_tokens: int = Field(
+        default=512, ge=1, le=1000000, description="Longer prompts get 413. Default 512; ≥ 1."
+    )
+    max_new_tokens: int = Field(
+        default=256, ge=1, le=100000, description="Cap on a request's max_tokens. Default 256; ≥ 1."
+    )
+    default_max_tokens: int = Field(
+        default=16, ge=1, le=100000, description="max_tokens when a request gives none. Default 16; ≥ 1."
+    )
+    request_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        le=3600.0,
+        description="Per-request deadline; past it the gateway answers 504. Default 60.",
+    )
+    streaming: bool = Field(default=True, description="Allow stream=true requests. Default true.")
+    rate_limits: RateLimitDefaults = Field(default_factory=RateLimitDefaults, description="Per-key defaults.")
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="Response cache for temperature-0 requests.")
+    device: str | None = Field(default=None, description="Torch device; default cuda when the replica has a GPU.")
+    dtype: str | None = Field(default=None, description="Torch dtype name (float16, bfloat16); default the model's.")
+
+    @model_validator(mode="after")
+    def max_ongoing_requests_at_least_max_batch_size(self) -> ServingConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}): a replica never holds enough requests to fill a batch"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def num_replicas_and_autoscaling_mutually_exclusive(self) -> ServingConfig:
+        if self.autoscaling is not None and self.num_replicas not in (None, 1):
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+    @model_validator(mode="after")
+    def default_max_tokens_within_max_new_tokens(self) -> ServingConfig:
+        if self.default_max_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Ray Serve ``Deployment.options(...)`` keywords for the model server."""
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": self.ray_actor_options.model_dump(),
+            "user_config": self.batch_settings(),
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+    def batch_settings(self) -> dict[str, Any]:
+        """What ``reconfigure`` applies without restarting a replica."""
+        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+
+    @classmethod
+    def for_model(cls, model: str, **overrides: Any) -> ServingConfig:
+        """A config with defaults for ``model`` (named after it)."""
+        return cls.model_validate({"apiVersion": "slipway/v1", "name": model, "model": model, **overrides})

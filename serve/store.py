@@ -1,0 +1,141 @@
+"""The weight store: one named, detached Ray actor holding what every gateway replica must agree on.
+
+It keeps, per model, the live versions (their Serve application, weight, shadow fraction and state) and the
+model's serving config. Each gateway replica long-polls :meth:`WeightStore.wait`, so a change reaches every
+replica within milliseconds — a handle call would reach only one replica, and redeploying the gateway would
+restart it. Gateways also push their per-second metric buckets here, so the control plane reads windows
+aggregated across all replicas without Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+from typing import Any
+
+from slipway.serve.windows import Bucket, SecondRing, summarize
+
+STORE_NAME = "slipway-weight-store"
+NAMESPACE = "slipway"
+#: A replica that has not pushed for this long no longer counts for in-flight totals.
+REPLICA_STALE_S = 10.0
+
+
+class WeightStore:
+    """Async actor; every method is cheap and runs on the actor's event loop (no locks needed)."""
+
+    def __init__(self) -> None:
+        self.rev = 0
+        self.models: dict[str, dict[str, Any]] = {}
+        self._changed = asyncio.Event()
+        self.rings: dict[tuple[str, str], SecondRing] = {}
+        self.inflight: dict[str, tuple[float, dict[str, dict[str, int]]]] = {}
+
+    # --- desired state ---------------------------------------------------------------------------------
+
+    def _bump(self) -> int:
+        self.rev += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return self.rev
+
+    def snapshot(self) -> tuple[int, dict[str, Any]]:
+        return self.rev, copy.deepcopy(self.models)
+
+    async def wait(self, since: int, timeout_s: float = 30.0) -> tuple[int, dict[str, Any]]:
+        """Return as soon as the revision differs from ``since`` (or after ``timeout_s``)."""
+        if self.rev == since:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+        return self.snapshot()
+
+    def put_version(self, model: str, version: int, app: str, config: dict[str, Any]) -> int:
+        """Add a live version with weight 0 (weight 1 when it is the model's only version)."""
+        m = self.models.setdefault(model, {"config": config, "versions": {}})
+        m["config"] = config
+        first = not any(e["state"] == "live" for e in m["versions"].values())
+        m["versions"][str(version)] = {"app": app, "weight": 1.0 if first else 0.0, "shadow": 0.0, "state": "live"}
+        return self._bump()
+
+    def set_weights(self, model: str, weights: dict[str, float], shadow: dict[str, float]) -> int:
+        versions = self.models[model]["versions"]
+        for v, e in versions.items():
+            e["weight"] = float(weights.get(v, 0.0))
+            e["shadow"] = float(shadow.get(v, 0.0))
+        return self._bump()
+
+    def set_state(self, model: str, version: int, state: str) -> int:
+        e = self.models[model]["versions"][str(version)]
+        e["state"] = state
+        if state != "live":
+            e["weight"], e["shadow"] = 0.0, 0.0
+        return self._bump()
+
+    def drop_version(self, model: str, version: int) -> int:
+        m = self.models.get(model)
+        if m is not None:
+            m["versions"].pop(str(version), None)
+            if not m["versions"]:
+                del self.models[model]
+        return self._bump()
+
+    def set_config(self, model: str, config: dict[str, Any]) -> int:
+        self.models[model]["config"] = config
+        return self._bump()
+
+    # --- metrics ---------------------------------------------------------------------------------------
+
+    def push(self, replica: str, buckets: list[tuple[str, str, int, dict[str, Any]]], inflight: dict) -> None:
+        """Merge one gateway replica's finished per-second buckets and its current in-flight counts."""
+        for model, version, second, b in buckets:
+            ring = self.rings.get((model, version))
+            if ring is None:
+                ring = self.rings[(model, version)] = SecondRing()
+            ring.add(second, Bucket.from_dict(b))
+        self.inflight[replica] = (time.time(), inflight)
+
+    def metrics(self, model: str, *, seconds: float | None = None, last_n: int | None = None) -> dict[str, Any]:
+        """Per-version summaries over the last ``seconds`` or the newest ``last_n`` requests (default 60 s)."""
+        now = time.time()
+        out: dict[str, Any] = {}
+        for (m, v), ring in self.rings.items():
+            if m != model:
+                continue
+            if last_n is not None:
+                out[v] = summarize(ring.by_count(last_n))
+            else:
+                span = seconds or 60.0
+                out[v] = summarize(ring.by_time(now, span), seconds=span)
+        return out
+
+    def inflight_total(self, model: str, version: int) -> int:
+        now = time.time()
+        return sum(
+            counts.get(model, {}).get(str(version), 0)
+            for ts, counts in self.inflight.values()
+            if now - ts < REPLICA_STALE_S
+        )
+
+    def reset_metrics(self, model: str | None = None) -> None:
+        for key in [k for k in self.rings if model is None or k[0] == model]:
+            del self.rings[key]
+
+
+def get_store(*, create: bool = True) -> Any:
+    """The store's actor handle, created detached on first use. Needs a connected Ray."""
+    import ray
+
+    if not create:
+        return ray.get_actor(STORE_NAME, namespace=NAMESPACE)
+    actor = ray.remote(WeightStore).options(
+        name=STORE_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=1000,
+        max_restarts=-1,
+    )
+    return actor.remote()

@@ -1,0 +1,149 @@
+"""``slipway serve up|status|down|config``: run the serving stack locally or emit its Ray Serve config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from slipway.cli._context import open_registry
+from slipway.cli._output import emit_json, table
+from slipway.errors import SlipwayError
+
+serve_app = typer.Typer(
+    help="Serve models through Ray Serve behind an OpenAI-compatible gateway.", no_args_is_help=True
+)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", help="Model to serve (repeatable); default all.")]
+ConfigOpt = Annotated[
+    list[Path] | None, typer.Option("--config", "-c", help="YAML file(s) with ServingConfig documents.")
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(serve_app, name="serve")
+
+
+def _load_configs(paths: list[Path] | None) -> dict[str, Any]:
+    """ServingConfig documents by model, read safely; a bad document is one line naming file and field."""
+    import yaml
+    from pydantic import ValidationError
+
+    from slipway.policies.serving import ServingConfig
+
+    out: dict[str, Any] = {}
+    for path in paths or []:
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except (OSError, yaml.YAMLError) as e:
+            raise SlipwayError(f"{path}: {str(e).splitlines()[0]}") from None
+        for doc in docs:
+            if not isinstance(doc, dict) or doc.get("kind") != "ServingConfig":
+                continue
+            try:
+                cfg = ServingConfig.model_validate(doc)
+            except ValidationError as e:
+                first = e.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                raise SlipwayError(f"{path}: {doc.get('name', '?')}: {loc}: {first['msg']}") from None
+            out[cfg.model] = cfg
+    return out
+
+
+@serve_app.command("up")
+def serve_up(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    port: Annotated[int, typer.Option("--port", help="HTTP port of the endpoint.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    gateway_replicas: Annotated[int, typer.Option("--gateway-replicas", min=1)] = 1,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C shuts down.")] = False,
+) -> None:
+    """Start a local Ray (unless RAY_ADDRESS is set), deploy the production versions and print the base URL."""
+    from slipway.serve import local
+
+    reg = open_registry()
+    info = local.up(
+        reg, models=model, configs=_load_configs(config), host=host, port=port, gateway_replicas=gateway_replicas
+    )
+    typer.echo(f"{info['base_url']}/v1")
+    served = ", ".join(f"{m}:{v}" for m, v in info["models"].items())
+    typer.echo(f"serving {served}", err=True)
+    if foreground:
+        import time
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            local.down()
+
+
+@serve_app.command("status")
+def serve_status(as_json: JsonOpt = False) -> None:
+    """Base URL, models, live versions with weights, and replica states."""
+    from slipway.serve import control, local
+
+    local.connect(start=False)
+    st = control.status()
+    st["base_url"] = local.read_state().get("base_url")
+    if as_json:
+        emit_json(st)
+        return
+    typer.echo(f"endpoint: {st['base_url'] or 'unknown'}/v1")
+    rows = []
+    for m, versions in st["models"].items():
+        for v, e in versions.items():
+            app = st["applications"].get(e["app"], {})
+            replicas = {k: n for d in app.get("deployments", {}).values() for k, n in d["replicas"].items()}
+            rows.append(
+                [
+                    m,
+                    v,
+                    e["app"],
+                    e["state"],
+                    f"{e['weight']:.2f}",
+                    f"{e['shadow']:.2f}",
+                    app.get("status"),
+                    " ".join(f"{k}={n}" for k, n in replicas.items()),
+                ]
+            )
+    table("served versions", ["model", "version", "app", "state", "weight", "shadow", "status", "replicas"], rows)
+
+
+@serve_app.command("down")
+def serve_down() -> None:
+    """Shut down Serve, and the local Ray if `serve up` started it."""
+    from slipway.serve import local
+
+    out = local.down()
+    typer.echo("serving stopped" + (" and local Ray stopped" if out["stopped_ray"] else ""))
+
+
+@serve_app.command("config")
+def serve_config(
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    kuberay: Annotated[bool, typer.Option("--kuberay", help="Emit a KubeRay RayService with serveConfigV2.")] = False,
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    gateway_replicas: Annotated[int, typer.Option("--gateway-replicas", min=1)] = 2,
+) -> None:
+    """Print the Ray Serve config (for `serve deploy` or KubeRay) of the production versions."""
+    import yaml
+
+    from slipway.llm.loader import version_artifact
+    from slipway.serve import local
+    from slipway.serve.deploy_config import Target, kuberay_service, serve_config
+
+    reg = open_registry()
+    targets = []
+    for m, v, cfg in local.production_targets(reg, model, _load_configs(config)):
+        uri = sha = None
+        if cfg.backend == "hf":
+            _ref, uri, sha = version_artifact(reg, f"{m}:{v}")
+        targets.append(Target(m, v, cfg, uri, sha))
+    doc = serve_config(targets, port=port, gateway_replicas=gateway_replicas)
+    if kuberay:
+        doc = kuberay_service(doc)
+    typer.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
