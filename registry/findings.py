@@ -92,8 +92,11 @@ def resolve(s: Session, finding: ComplianceFinding, *, reason: str) -> None:
     )
 
 
-def reconcile(s: Session, observed: Iterable[Observed], *, rules: Iterable[str]) -> Diff:
-    """Record what a check run observed for ``rules`` and resolve their open findings it no longer sees."""
+def reconcile(s: Session, observed: Iterable[Observed], *, rules: Iterable[str], model: str | None = None) -> Diff:
+    """Record what a check run observed for ``rules`` and resolve their open findings it no longer sees.
+
+    With ``model``, the run looked only at that model: only its findings can be resolved.
+    """
     rules = set(rules)
     seen: set[tuple[str, str]] = set()
     new, still = [], []
@@ -102,7 +105,7 @@ def reconcile(s: Session, observed: Iterable[Observed], *, rules: Iterable[str])
         (new if is_new else still).append(f)
         seen.add((o.rule_id, o.subject))
     resolved = []
-    for f in open_findings(s):
+    for f in open_findings(s, model=model):
         if f.rule_id in rules and (f.rule_id, f.subject) not in seen:
             resolve(s, f, reason="no longer observed")
             resolved.append(f)

@@ -358,3 +358,41 @@ class AuditEvent(Base):
     after: Mapped[dict[str, Any] | None] = mapped_column()
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class CostReport(Base):
+    """One cost report: its period, totals, budget states and where its CSV, JSON and chart were written."""
+
+    __tablename__ = "cost_reports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    period_start: Mapped[dt.datetime] = mapped_column()
+    period_end: Mapped[dt.datetime] = mapped_column()
+    budget: Mapped[str] = mapped_column(String(200))  # the CostBudget document priced with
+    total: Mapped[float] = mapped_column(Float)
+    forecast: Mapped[float] = mapped_column(Float)
+    gpu_seconds: Mapped[float] = mapped_column(Float)
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)  # totals, forecast, budget states
+    artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict)  # csv / json / png URIs
+    pipeline_run_id: Mapped[str | None] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="SET NULL"))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class UsageDaily(Base):
+    """Usage summed per UTC day, model, version and key: what cost reports read for whole past days, so a report
+    does not rescan every usage row. Refreshed by ``registry.costs.refresh_daily``; survives usage retention."""
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (Index("ix_usage_daily_day", "day"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    day: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD (UTC)
+    model: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int | None] = mapped_column(Integer)
+    api_key_id: Mapped[int | None] = mapped_column(Integer)  # no foreign key: history outlives deleted keys
+    requests: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    billable_prompt_tokens: Mapped[int] = mapped_column(BigInteger)  # cache hits excluded
+    billable_completion_tokens: Mapped[int] = mapped_column(BigInteger)

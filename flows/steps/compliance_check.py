@@ -1,0 +1,56 @@
+"""The ``compliance_check`` step: run a ComplianceRules document, record findings diffed against the previous run,
+and notify what is new or resolved."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from slipway.flows.steptypes import StepContext, step_type
+from slipway.policies.kinds import DocRef, Strict
+
+
+class ComplianceInput(Strict):
+    rules: Annotated[str, DocRef("ComplianceRules")] = Field(
+        default="default", description="ComplianceRules document to apply. Default default."
+    )
+    model: str | None = Field(default=None, description="Only this model (and the global rules). Default: all.")
+    fail_on_blocking: bool = Field(
+        default=False, description="Fail the step while a blocking finding is open. Default false."
+    )
+
+
+class ComplianceOutput(Strict):
+    new: list[str] = Field(description="Findings opened by this run, one line each.")
+    still_open: int
+    resolved: list[str] = Field(description="Findings this run no longer saw, one line each.")
+    blocking: list[str] = Field(description="Open findings that block promotions, one line each.")
+    skipped: list[str] = Field(description="Rules that did not run, and why.")
+
+
+@step_type("compliance_check")
+def compliance_check(ctx: StepContext, inp: ComplianceInput) -> ComplianceOutput:
+    """Apply compliance rules to the registry and record the findings."""
+    from slipway import compliance
+
+    rules = ctx.documents.get("ComplianceRules", inp.rules)
+    report = compliance.run(ctx.registry, rules, docs=ctx.documents, model=inp.model)
+    lines = compliance.summary_lines(report)
+    if lines:
+        from slipway.flows.steps.generic import NotifyInput, notify
+        from slipway.secrets import resolve
+
+        webhook = resolve(rules.webhook) if rules.webhook else None
+        level = "error" if report.new and any(f["action"] == "block" for f in report.new) else "warning"
+        notify(ctx, NotifyInput(message="compliance:\n" + "\n".join(lines), webhook=webhook, level=level))
+    blocking = [f"{f['rule']} {f['subject']} ({f['severity']}): {f['message']}" for f in report.blocking]
+    if blocking and inp.fail_on_blocking:
+        raise RuntimeError("blocking compliance findings are open: " + "; ".join(blocking))
+    return ComplianceOutput(
+        new=[f"{f['rule']} {f['subject']}: {f['message']}" for f in report.new],
+        still_open=len(report.still_open),
+        resolved=[f"{f['rule']} {f['subject']}" for f in report.resolved],
+        blocking=blocking,
+        skipped=[f"{r.rule}: {r.note}" for r in report.results if r.status in ("skipped", "error")],
+    )

@@ -1,0 +1,138 @@
+"""vault:// references resolved by hvac over HTTP against the Vault API test double; tokens renewed; nothing logged."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydantic import SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from slipway import secrets
+from slipway.secrets import SecretError, VaultClient, VaultResolvingSettings, VaultSettings
+
+pytestmark = pytest.mark.usefixtures("all_log_lines")
+
+DB_PASSWORD = "pw-7f3a9c1e2d"  # every secret value used here; none may appear in any log line
+JWT_KEY = "jwt-5b8e0d4c6a91f2"
+ROLE_SECRET = "approle-secret-93kd8"
+K8S_JWT = "eyJhbGciOiJSUzI1NiJ9.k8s-sa-token-44x"
+SECRETS = [DB_PASSWORD, JWT_KEY, ROLE_SECRET, K8S_JWT]
+
+
+@pytest.fixture
+def kv(vault_env):
+    vault_env.put("secret", "slipway/db", {"password": DB_PASSWORD, "user": "slipway"})
+    vault_env.put("secret", "slipway/gateway", {"jwt_key": JWT_KEY})
+    SECRETS.append(vault_env.state.root_token)
+    return vault_env
+
+
+def test_a_reference_resolves_through_kv_v2_over_http(kv):
+    assert secrets.resolve("vault://secret/slipway/db#password") == DB_PASSWORD
+    assert "GET /v1/secret/data/slipway/db" in kv.state.requests
+
+
+def test_a_database_url_embeds_a_reference(kv):
+    url = "postgresql://slipway:${vault://secret/slipway/db#password}@db:5432/slipway"
+    assert secrets.expand(url) == f"postgresql://slipway:{DB_PASSWORD}@db:5432/slipway"
+
+
+def test_plain_values_are_the_environment_fallback(monkeypatch):
+    monkeypatch.delenv("SLIPWAY_VAULT_ADDR", raising=False)
+    secrets.default_client.cache_clear()
+    assert secrets.resolve("postgresql://u:plain@h/db") == "postgresql://u:plain@h/db"
+    with pytest.raises(SecretError, match=r"a vault:// reference needs SLIPWAY_VAULT_ADDR \(the Vault address\)"):
+        secrets.resolve("vault://secret/slipway/db#password")
+
+
+@pytest.mark.parametrize(
+    "ref, error",
+    [
+        ("vault://secret/slipway/db", r"malformed secret reference 'vault://secret/slipway/db': expected vault://"),
+        ("vault://secret/slipway/nope#password", r"vault://secret/slipway/nope#password: no secret at secret/"),
+        ("vault://secret/slipway/db#pasword", r"the secret has no key 'pasword' \(keys: password, user\)"),
+    ],
+    ids=["no-key", "no-path", "wrong-key"],
+)
+def test_bad_references_are_one_line_errors_without_values(kv, ref, error):
+    with pytest.raises(SecretError, match=error) as e:
+        secrets.resolve(ref)
+    assert DB_PASSWORD not in str(e.value)
+
+
+def test_approle_login(kv):
+    kv.state.approles["role-1"] = ROLE_SECRET
+    st = VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id=ROLE_SECRET)
+    assert VaultClient(st).read("vault://secret/slipway/gateway#jwt_key") == JWT_KEY
+    assert "POST /v1/auth/approle/login" in kv.state.requests
+    bad = VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id="wrong")
+    with pytest.raises(SecretError, match=r"cannot log in to Vault at http://127.0.0.1:\d+ \(approle\): invalid role"):
+        VaultClient(bad).read("vault://secret/slipway/gateway#jwt_key")
+
+
+def test_kubernetes_login_reads_the_service_account_token(kv, tmp_path):
+    kv.state.k8s_roles["slipway"] = K8S_JWT
+    (tmp_path / "token").write_text(K8S_JWT + "\n")
+    st = VaultSettings(addr=kv.url, auth="kubernetes", k8s_role="slipway", k8s_jwt_path=tmp_path / "token")
+    assert VaultClient(st).read("vault://secret/slipway/db#user") == "slipway"
+    missing = VaultSettings(addr=kv.url, auth="kubernetes", k8s_role="slipway", k8s_jwt_path=tmp_path / "nope")
+    with pytest.raises(SecretError, match=r"cannot read the service-account token .*nope"):
+        VaultClient(missing).read("vault://secret/slipway/db#user")
+
+
+def test_the_token_is_renewed_before_it_expires(kv):
+    kv.state.approles["role-1"] = ROLE_SECRET
+    kv.state.token_ttl = 2
+    c = VaultClient(VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id=ROLE_SECRET, cache_ttl_s=0))
+    c.start_renewal(min_interval_s=0.2)
+    try:
+        time.sleep(3.0)  # past the first token's TTL
+        assert kv.state.renewals >= 2
+        assert c.read("vault://secret/slipway/db#password") == DB_PASSWORD
+    finally:
+        c.stop()
+
+
+def test_an_expired_token_is_replaced_by_a_fresh_login(kv):
+    kv.state.approles["role-1"] = ROLE_SECRET
+    kv.state.token_ttl = 1
+    c = VaultClient(VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id=ROLE_SECRET, cache_ttl_s=0))
+    c.read("vault://secret/slipway/db#user")
+    time.sleep(1.2)
+    kv.state.token_ttl = 60
+    assert c.renew() == pytest.approx(60, abs=2)  # renew-self was refused (403), so it logged in again
+    assert kv.state.requests.count("POST /v1/auth/approle/login") == 2
+    assert c.read("vault://secret/slipway/db#password") == DB_PASSWORD
+
+
+class GatewaySecrets(VaultResolvingSettings):
+    model_config = SettingsConfigDict(env_prefix="TEST_GW_")
+
+    jwt_secret: SecretStr
+    database_url: str
+    webhook: str = "https://hooks.example/none"
+
+
+def test_a_settings_class_resolves_references_in_every_field(kv, monkeypatch):
+    monkeypatch.setenv("TEST_GW_JWT_SECRET", "vault://secret/slipway/gateway#jwt_key")
+    monkeypatch.setenv("TEST_GW_DATABASE_URL", "postgresql://u:${vault://secret/slipway/db#password}@h/db")
+    st = GatewaySecrets()
+    assert st.jwt_secret.get_secret_value() == JWT_KEY
+    assert st.database_url == f"postgresql://u:{DB_PASSWORD}@h/db"
+    assert JWT_KEY not in repr(st)
+
+
+def test_transit_encrypts_and_decrypts(kv):
+    c = VaultClient(VaultSettings(addr=kv.url, token=kv.state.root_token))
+    ct = c.encrypt("prompts", DB_PASSWORD.encode())
+    assert ct.startswith("vault:v1:") and DB_PASSWORD not in ct
+    assert c.decrypt("prompts", ct) == DB_PASSWORD.encode()
+    assert "POST /v1/transit/encrypt/prompts" in kv.state.requests
+
+
+def test_no_secret_value_appears_in_any_log_line(all_log_lines):
+    assert any("slipway.secrets" in line for line in all_log_lines)  # the capture saw our loggers
+    assert any("urllib3" in line for line in all_log_lines)  # ... and hvac's HTTP traffic
+    leaked = [(s, line) for line in all_log_lines for s in SECRETS if s in line]
+    assert leaked == []
