@@ -55,6 +55,14 @@ class CacheSpec(Strict):
     ttl_s: int = Field(default=300, ge=1, le=86400 * 7, description="Entry lifetime in seconds. Default 300; 1-604800.")
 
 
+class FaultInjection(Strict):
+    """Chaos testing: make a version misbehave on purpose (rollback drills, demos). Never in production."""
+
+    error_rate: float = Field(default=1.0, ge=0.0, le=1.0, description="Share of requests answered 500. Default 1.")
+    extra_latency_ms: float = Field(default=0.0, ge=0.0, le=60_000, description="Added to every request. Default 0.")
+    after_s: float = Field(default=0.0, ge=0.0, description="Start misbehaving this long after start-up. Default 0.")
+
+
 @register_kind
 class ServingConfig(Document):
     """How one model is served. Every live version of the model runs with these settings."""
@@ -103,6 +111,9 @@ class ServingConfig(Document):
         description="Per-request deadline; past it the gateway answers 504. Default 60.",
     )
     streaming: bool = Field(default=True, description="Allow stream=true requests. Default true.")
+    fault_injection: FaultInjection | None = Field(
+        default=None, description="Chaos testing only: make the version fail on purpose. Default none."
+    )
     rate_limits: RateLimitDefaults = Field(default_factory=RateLimitDefaults, description="Per-key defaults.")
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Response cache for temperature-0 requests.")
     device: str | None = Field(default=None, description="Torch device; default cuda when the replica has a GPU.")

@@ -206,6 +206,19 @@ def remove_version(
         _set_status(registry, e["app"], "removed")
 
 
+def set_breaker(model: str, version: int, consecutive_errors: int | None) -> None:
+    """Arm the gateways' breaker for ``model:version``: that many 5xx in a row zero its weight at once (every
+    replica within milliseconds, before any analysis window fills). ``None`` disarms it."""
+    _get(_store().set_breaker.remote(model, version, consecutive_errors))
+
+
+def breaker_tripped(model: str, version: int) -> dict[str, Any] | None:
+    """``{"reason", "at"}`` when the breaker of ``model:version`` has tripped, else None."""
+    _rev, table = _get(_store().snapshot.remote())
+    e = table.get(model, {}).get("versions", {}).get(str(version))
+    return e.get("tripped") if e else None
+
+
 def metrics(model: str, *, seconds: float | None = None, last_n: int | None = None) -> dict[str, Any]:
     """Per-version summaries merged across every gateway replica: requests, errors, error_rate, latency
     and TTFT percentiles, tokens, mean batch size, shadow counts. By time (default the last 60 s) or by count."""

@@ -180,6 +180,7 @@ class Gateway:
         self.inflight: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.model_inflight: dict[str, int] = defaultdict(int)
         self.pending: dict[tuple[str, str, int], Bucket] = {}
+        self.consecutive_errors: dict[tuple[str, str], int] = {}
         self._bg: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         tags = ("model", "version")
@@ -296,6 +297,8 @@ class Gateway:
             cache_hit=cache_hit,
             shadow=shadow,
         )
+        if version:  # mirrored requests count too: a canary broken from its first request trips during mirroring
+            self._breaker(model, version, status)
         tags = {"model": model, "version": v}
         self.m_requests.inc(tags={**tags, "status": str(status)})
         self.m_latency.observe(latency_ms, tags=tags)
@@ -327,6 +330,21 @@ class Gateway:
                 "cache_hit": cache_hit,
             }
         )
+
+    def _breaker(self, model: str, version: str, status: int) -> None:
+        """N consecutive 5xx from an armed version zero its weight — here at once, everywhere via the store."""
+        entry = self.models.table.get(model, {}).get("versions", {}).get(version)
+        limit = entry.get("breaker") if entry else None
+        if not limit or entry.get("tripped"):
+            return
+        key = (model, version)
+        run = self.consecutive_errors.get(key, 0) + 1 if status >= 500 else 0
+        self.consecutive_errors[key] = run
+        if run >= limit:
+            reason = f"breaker: {run} consecutive errors"
+            entry["weight"], entry["shadow"], entry["tripped"] = 0.0, 0.0, {"reason": reason}
+            self.consecutive_errors[key] = 0
+            self._spawn(self.store.trip.remote(model, version, reason))
 
     async def _admit(self, request: Request, body: p._GenParams, authorization: str | None, text: str):
         """Authenticate, resolve the model, check limits; returns what the call needs."""

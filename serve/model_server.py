@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -177,6 +178,7 @@ class ModelServer:
             if not uri:
                 raise ValueError(f"{model}:{version}: the hf backend needs an artifact uri")
             self.backend = HFBackend(uri, sha256, device, self.cfg.dtype)
+        self.started = time.monotonic()
         self.batches = 0
         self.batched_requests = 0
         self.largest_batch = 0
@@ -246,8 +248,22 @@ class ModelServer:
             return _error(413, f"prompt has {n} tokens; {self.model} accepts at most {self.cfg.max_prompt_tokens}")
         return prompt, n
 
+    async def _fault(self) -> dict[str, Any] | None:
+        """The configured fault, if this request is to suffer it (chaos testing)."""
+        f = self.cfg.fault_injection
+        if f is None or time.monotonic() - self.started < f.after_s:
+            return None
+        if f.extra_latency_ms:
+            await asyncio.sleep(f.extra_latency_ms / 1000.0)
+        if f.error_rate and random.random() < f.error_rate:
+            return _error(500, f"{self.model}:{self.version}: injected fault")
+        return None
+
     async def generate(self, req: dict[str, Any]) -> dict[str, Any]:
         """Complete one request (batched with others). Errors come back as ``{"error": {status, message}}``."""
+        fault = await self._fault()
+        if fault is not None:
+            return fault
         prepared = self._prepare(req)
         if isinstance(prepared, dict):
             return prepared
@@ -296,6 +312,10 @@ class ModelServer:
 
     async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yield ``{"delta": text}`` per token, then one ``{"done": ..., usage}`` item."""
+        fault = await self._fault()
+        if fault is not None:
+            yield fault
+            return
         prepared = self._prepare(req)
         if isinstance(prepared, dict):
             yield prepared

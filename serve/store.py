@@ -85,6 +85,27 @@ class WeightStore:
         self.models[model]["config"] = config
         return self._bump()
 
+    def set_breaker(self, model: str, version: int, consecutive_errors: int | None) -> int:
+        """Arm (or, with None, disarm) the in-gateway breaker of a version."""
+        e = self.models[model]["versions"][str(version)]
+        e["breaker"], e["tripped"] = consecutive_errors, None
+        return self._bump()
+
+    def trip(self, model: str, version: str, reason: str) -> int:
+        """A gateway saw the breaker's threshold reached: weight and shadow of ``version`` to 0 at once, its
+        share given to the other live versions in proportion. Idempotent."""
+        versions = self.models.get(model, {}).get("versions", {})
+        e = versions.get(str(version))
+        if e is None or e.get("tripped"):
+            return self.rev
+        freed = e["weight"]
+        e["weight"], e["shadow"], e["tripped"] = 0.0, 0.0, {"reason": reason, "at": time.time()}
+        others = {v: x for v, x in versions.items() if v != str(version) and x["state"] == "live"}
+        total = sum(x["weight"] for x in others.values())
+        for x in others.values():
+            x["weight"] = x["weight"] + freed * (x["weight"] / total) if total > 0 else freed / len(others)
+        return self._bump()
+
     # --- metrics ---------------------------------------------------------------------------------------
 
     def push(self, replica: str, buckets: list[tuple[str, str, int, dict[str, Any]]], inflight: dict) -> None:

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from slipway.flows.steptypes import StepContext, step_type
 from slipway.policies.kinds import DocRef, Strict
+from slipway.policies.serving import FaultInjection
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class CanaryInput(Strict):
     )
     traffic: TrafficSpec | None = Field(
         default=None, description="Synthetic traffic during the rollout (demos and tests). Default none."
+    )
+    fault: FaultInjection | None = Field(
+        default=None, description="Chaos drill: make the candidate fail on purpose to watch the rollback. Default none."
     )
 
 
@@ -86,6 +90,7 @@ def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
     base = up["base_url"]
     traffic = _start_traffic(ctx, inp.traffic, base, model) if inp.traffic else None
     try:
+        cand_cfg = cfg.model_copy(update={"fault_injection": inp.fault}) if inp.fault else cfg
         result = Controller(
             reg,
             plan,
@@ -94,7 +99,7 @@ def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
             champion=champion,
             holder=holder,
             control=control,
-            serving_config=cfg,
+            serving_config=cand_cfg,
             run_id=ctx.run_id,
         ).run()
     except BaseException:

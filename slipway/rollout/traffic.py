@@ -20,7 +20,8 @@ class Outcome:
 
 @dataclass
 class Traffic:
-    """Sends ``rps`` completions per second to ``base_url`` until :meth:`stop` (at most ``max_s`` seconds)."""
+    """Sends ``rps`` completions per second to ``base_url`` (the OpenAI base, ending in ``/v1``) until
+    :meth:`stop` (at most ``max_s`` seconds)."""
 
     base_url: str
     api_key: str
@@ -87,7 +88,7 @@ class Traffic:
             "user": f"traffic-{i}",
         }
         try:
-            r = client.post("/v1/completions", json=body)  # type: ignore[attr-defined]
+            r = client.post("/completions", json=body)  # type: ignore[attr-defined]
             out = Outcome(t, r.status_code, r.headers.get("x-slipway-version"))
         except httpx.HTTPError:
             out = Outcome(t, 0, None)
