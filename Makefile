@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-rollback test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python -m slipway.demo
 
+# After `make demo`: a candidate that breaks mid-canary is rolled back automatically.
+demo-rollback: setup
+	$(BIN)/python -m slipway.demo --sabotage --skip-promote
+
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
@@ -35,6 +39,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/registry.py
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/canary.py
 
 clean:
 	rm -rf $(VENV) .slipway .pytest_cache

@@ -1,27 +1,123 @@
-"""``make demo``: run the main job on embedded defaults and show the result.
+"""``make demo``: the whole promotion on embedded defaults, then a summary with a working endpoint.
 
-For now the main job is: migrate a fresh embedded registry, register what exists and show it. Later
-pillars extend this into the full promotion demo (bootstrap, fine-tune, gate, canary, promote).
+    python -m slipway.demo              # bootstrap -> promote-demo -> summary (endpoint answers at the end)
+    python -m slipway.demo --sabotage   # then a rollback drill: a candidate that breaks mid-canary
+
+Everything lands in ``SLIPWAY_HOME`` (default ./.slipway): SQLite registry, artifacts, datasets. The local
+Ray that serves the endpoint keeps running until ``slipway serve down``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+from typing import Any
+
+from rich.console import Console
+
+console = Console()
 
 
-def main() -> int:
+def _cli(*argv: str) -> int:
     from slipway.cli import main as cli
 
-    steps = [
-        ["db", "upgrade"],
-        ["models", "list"],
-        ["audit", "verify"],
-    ]
-    for argv in steps:
-        print(f"$ slipway {' '.join(argv)}", flush=True)
-        rc = cli(argv)
-        if rc != 0:
-            return rc
+    console.print(f"\n[bold cyan]$ slipway {' '.join(argv)}[/]")
+    return cli(list(argv))
+
+
+def _latest_run(reg: Any, pipeline: str) -> Any:
+    from slipway.registry import runs
+
+    with reg.session() as s:
+        found = runs.list_runs(s, pipeline=pipeline, limit=1)
+        return found[0] if found else None
+
+
+def summary(reg: Any, run: Any) -> None:
+    from slipway.registry import catalog, keys
+
+    steps = {st.name: st for st in run.steps}
+    console.rule(f"[bold]promote-demo run {run.id[:8]}: {run.status}")
+    _cli("versions", "list", "tiny-base")
+    gate = steps.get("gate")
+    if gate is not None and gate.outputs.get("decision"):
+        _cli("gate", "explain", str(gate.outputs["decision"]))
+    canary = steps.get("canary")
+    if canary is not None and canary.outputs.get("timeline"):
+        console.print("\n[bold]canary timeline[/] (seconds since the candidate was deployed)")
+        for e in canary.outputs["timeline"]:
+            extra = {k: v for k, v in e.items() if k not in ("t", "event", "values")}
+            console.print(f"  {e['t']:7.2f}s  {e['event']:16s} {extra}")
+        console.print(
+            f"  synthetic traffic: {canary.outputs.get('traffic')}; worst-case time to rollback under "
+            f"this plan: {canary.outputs.get('worst_case_rollback_s')} s"
+        )
+    _cli("history", "tiny-base")
+    base = (canary.outputs.get("base_url") if canary is not None else None) or "http://127.0.0.1:8000"
+    with reg.session() as s:
+        prod = catalog.resolve(s, "tiny-base@production").ref
+        _key, secret = keys.create_key(s, name=f"demo-{int(time.time())}", models=["tiny-base"])
+    prompt = "Extract the person and the city as JSON.\\nText: Our nurse, Ada Okafor, now lives in Quito.\\nJSON:"
+    console.rule("[bold]the endpoint")
+    console.print(f"production: {prod}   base URL: {base}/v1   API key (shown once): {secret}")
+    console.print("\n[bold]curl[/]")
+    console.print(
+        f"curl -s {base}/v1/completions -H 'Authorization: Bearer {secret}' -H 'Content-Type: "
+        f'application/json\' \\\n  -d \'{{"model": "tiny-base", "prompt": "{prompt}", '
+        '"max_tokens": 32, "temperature": 0, "stop": ["\\\\n"]}\'',
+        soft_wrap=True,
+    )
+    console.print("\n[bold]openai[/]")
+    code = (
+        f'from openai import OpenAI\nclient = OpenAI(base_url="{base}/v1", api_key="{secret}")\n'
+        f'r = client.completions.create(model="tiny-base", prompt="{prompt}", max_tokens=32, temperature=0, '
+        'stop=["\\n"])\nprint(r.choices[0].text)'
+    )
+    console.print(code, soft_wrap=True, markup=False, highlight=False)
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=3)
+    r = client.completions.create(
+        model="tiny-base", prompt=prompt.replace("\\n", "\n"), max_tokens=32, temperature=0, stop=["\n"]
+    )
+    console.print(
+        f"\n[bold green]the endpoint answered[/] ({r.model}, {r.usage.total_tokens} tokens):{r.choices[0].text}",
+        markup=True,
+        highlight=False,
+    )
+    console.print("\nstop serving with: slipway serve down")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m slipway.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sabotage", action="store_true", help="also run the rollback drill (promote-sabotaged)")
+    p.add_argument("--skip-promote", action="store_true", help="only the rollback drill (after a first demo)")
+    args = p.parse_args(argv)
+    from slipway.cli._context import open_registry
+
+    t0 = time.monotonic()
+    if _cli("bootstrap") != 0:
+        return 1
+    reg = open_registry()
+    if not args.skip_promote:
+        _cli("run", "promote-demo")
+        run = _latest_run(reg, "promote-demo")
+        if run is None or run.status != "succeeded":
+            console.print(f"[bold red]promote-demo did not succeed[/]: {run.error if run else 'no run'}")
+            return 1
+        summary(reg, run)
+    if args.sabotage:
+        console.rule("[bold]rollback drill: a candidate that breaks mid-canary")
+        _cli("run", "promote-sabotaged")
+        run = _latest_run(reg, "promote-sabotaged")
+        canary = {st.name: st for st in run.steps}.get("canary") if run else None
+        console.print(f"\ncanary step: {canary.status if canary else '-'} - {canary.error if canary else ''}")
+        _cli("history", "tiny-base")
+        _cli("versions", "list", "tiny-base")
+    console.print(f"\n[bold]demo finished in {time.monotonic() - t0:.0f} s[/]")
     return 0
 
 

@@ -20,7 +20,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 # Fixture modules of each pillar, kept beside the tests that use them.
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "tests.plugins.governance",
+    "tests.plugins.serving",
+    "tests.plugins.pipelines",
+    "tests.plugins.llm",
+]
 
 PG_URL = os.environ.get("SLIPWAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -78,9 +78,19 @@ def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
                 f"promote a first version with `slipway alias set {model} production N`"
             )
         champion = champ.version.version
-    if champion == number:
-        raise promotion.PromotionError(f"{model}:{number} already is production")
     cfg = _serving_config(ctx, inp.serving, model)
+    if champion == number:  # a re-run after a completed promotion: nothing to roll out, make sure it serves
+        local.connect(start=True)
+        promotion.reconcile(reg, control, model=model, config=cfg)
+        up = local.up(reg, models=[model], configs={model: cfg})
+        return CanaryOutput(
+            outcome="already-production",
+            candidate=f"{model}:{number}",
+            champion=f"{model}:{number}",
+            base_url=up["base_url"],
+            worst_case_rollback_s=plan.worst_case_rollback_s,
+            timeline=[],
+        )
     holder = promotion.holder_id(ctx.run_id)
     local.connect(start=True)
     promotion.reconcile(reg, control, model=model, config=cfg)  # a dead earlier promotion is cleaned up first

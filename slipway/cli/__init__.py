@@ -7,7 +7,16 @@ from collections.abc import Sequence
 
 import typer
 
-from slipway.cli import eval_cmds, registry_cmds
+from slipway.cli import (
+    eval_cmds,
+    governance_cmds,
+    keys_cmds,
+    llm_cmds,
+    pipeline_cmds,
+    registry_cmds,
+    rollout_cmds,
+    serve_cmds,
+)
 
 app = typer.Typer(
     name="slipway",
@@ -18,6 +27,12 @@ app = typer.Typer(
 )
 registry_cmds.register(app)
 eval_cmds.register(app)
+rollout_cmds.register(app)
+pipeline_cmds.register(app)
+llm_cmds.register(app)
+serve_cmds.register(app)
+keys_cmds.register(app)
+governance_cmds.register(app)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

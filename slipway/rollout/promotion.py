@@ -86,9 +86,11 @@ def promote(
         leases.renew(s, model=model, holder=holder)
         champ = _production(s, model)
         cand = catalog.get_version(s, model, candidate)
-        if cand.status not in (VersionStatus.CANDIDATE, VersionStatus.REGISTERED):
+        if cand.status not in (VersionStatus.CANDIDATE, VersionStatus.REGISTERED, VersionStatus.PRODUCTION):
             raise PromotionError(f"{cand.ref} is {cand.status}; only a candidate can be promoted")
         previous = champ.version if champ else None
+        if previous == candidate:  # already done (a re-run): nothing moves
+            return {"production": candidate, "previous": None}
         catalog.set_alias(
             s, model=model, alias=ALIAS, version=candidate, expected=previous, approval_id=approval_id, role=role
         )
