@@ -88,14 +88,17 @@ def serve_config(
     return cfg
 
 
-def kuberay_service(cfg: dict[str, Any], *, name: str = "slipway") -> dict[str, Any]:
-    """The ``spec.serveConfigV2`` part of a KubeRay RayService carrying ``cfg``'s applications."""
+def kuberay_service(
+    cfg: dict[str, Any], *, name: str = "slipway", cluster: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A KubeRay RayService carrying ``cfg``'s applications as ``spec.serveConfigV2``; ``cluster`` (e.g.
+    infra/k8s/rayservice-cluster.yaml: metadata and ``spec.rayClusterConfig``) supplies the Ray cluster."""
+    import copy
+
     import yaml
 
     body = {"applications": cfg["applications"]}
-    return {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayService",
-        "metadata": {"name": name},
-        "spec": {"serveConfigV2": yaml.safe_dump(body, sort_keys=False)},
-    }
+    cluster = copy.deepcopy(cluster or {})
+    metadata = {"name": name, **cluster.get("metadata", {})}
+    spec = {**cluster.get("spec", {}), "serveConfigV2": yaml.safe_dump(body, sort_keys=False)}
+    return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": metadata, "spec": spec}

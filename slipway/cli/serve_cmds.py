@@ -128,6 +128,9 @@ def serve_config(
     kuberay: Annotated[bool, typer.Option("--kuberay", help="Emit a KubeRay RayService with serveConfigV2.")] = False,
     port: Annotated[int, typer.Option("--port")] = 8000,
     gateway_replicas: Annotated[int, typer.Option("--gateway-replicas", min=1)] = 2,
+    cluster: Annotated[
+        str | None, typer.Option("--cluster", help="RayService cluster part (infra/k8s/rayservice-cluster.yaml).")
+    ] = None,
 ) -> None:
     """Print the Ray Serve config (for `serve deploy` or KubeRay) of the production versions."""
     import yaml
@@ -145,5 +148,14 @@ def serve_config(
         targets.append(Target(m, v, cfg, uri, sha))
     doc = serve_config(targets, port=port, gateway_replicas=gateway_replicas)
     if kuberay:
-        doc = kuberay_service(doc)
+        cluster_spec = None
+        if cluster is not None:
+            from pathlib import Path
+
+            from slipway.errors import ConfigError
+
+            if not Path(cluster).is_file():
+                raise ConfigError(f"--cluster: no file {cluster}")
+            cluster_spec = yaml.safe_load(Path(cluster).read_text())
+        doc = kuberay_service(doc, cluster=cluster_spec)
     typer.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
