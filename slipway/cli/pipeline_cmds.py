@@ -73,6 +73,14 @@ def validate(
             counts[item.kind] = counts.get(item.kind, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no documents"
     typer.echo(f"ok: {summary}")
+    for item in docs:  # what a reader of a plan wants to know before running it
+        if item.kind == "CanaryPlan" and (checked is None or item.file in checked):
+            plan = item.doc
+            typer.echo(
+                f"  CanaryPlan {item.name}: worst-case time to rollback {plan.worst_case_rollback_s:g} s "
+                f"(analysis every {plan.analysis.interval_s:g} s, {plan.analysis.failure_limit} failed windows); "
+                f"breaker after {plan.breaker.consecutive_errors} consecutive errors"
+            )
 
 
 def plan(
