@@ -365,7 +365,7 @@ def load_plan(ref: str, *, policies: str | None = None) -> tuple[Plan, DocumentS
 
     from slipway.policies import loader
 
-    policies_dir = Path(policies or os.environ.get("SLIPWAY_POLICIES", loader.DEFAULT_DIR))
+    policies_dir = Path(policies or os.environ.get("SLIPWAY_POLICIES") or loader.default_dir())
     path = Path(ref)
     context: DocumentSet | None = None
     if policies_dir.is_dir():

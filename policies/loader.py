@@ -25,6 +25,13 @@ from slipway.policies.kinds import API_VERSION, KINDS, NAME_PATTERN, DocRef, Doc
 YAML_SUFFIXES = (".yaml", ".yml")
 DEFAULT_DIR = "policies"
 
+
+def default_dir() -> str:
+    """``./policies`` when it exists, else the policies shipped with slipway (so commands work anywhere)."""
+    if Path(DEFAULT_DIR).is_dir():
+        return DEFAULT_DIR
+    return str(Path(__file__).resolve().parent)
+
 YamlPath = tuple[str | int, ...]
 Check = Callable[["Loaded", "DocumentSet"], Iterable[tuple[YamlPath, str] | tuple[YamlPath, str, bool]]]
 # Checks that need more than one document's schema (a Pipeline's steps against the step types), by kind.

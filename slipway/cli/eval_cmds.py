@@ -36,9 +36,9 @@ def eval_run(
     from rich.progress import Progress
 
     from slipway.evaluation import service
-    from slipway.policies.loader import load
+    from slipway.policies.loader import default_dir, load
 
-    docs = load(policies or ["policies"])
+    docs = load(policies or [default_dir()])
     spec = docs.get("EvalSuite", suite)
     reg = open_registry()
     with Progress(transient=True, disable=as_json) as bar:

@@ -54,9 +54,9 @@ def validate(
     """Check documents and the references between them without running anything (exit 2 on errors)."""
     from slipway.policies import loader
 
-    targets = paths or [loader.DEFAULT_DIR]
+    targets = paths or [loader.default_dir()]
     context = None
-    context_dir = Path(policies or loader.DEFAULT_DIR)
+    context_dir = Path(policies or loader.default_dir())
     if paths and context_dir.is_dir():
         context, _ = loader.collect([context_dir])
     docs, issues = loader.collect(targets, context=context)
