@@ -5,6 +5,10 @@ cities from pools the train split never uses and adds phrasings train never show
 eval by learning *which words fill which field* — names and cities are distractors it has never seen, and
 the answer is never the most frequent label. Every dataset is a pure function of the seed.
 
+The text quotes the job and the workplace (``works as a "baker" at the "garage"``): with a byte-level BPE
+tokenizer the quoted word is then the same token in the sentence and in the JSON answer (``baker`` after
+``Ġ"``), instead of ``Ġbaker`` in running text and ``baker`` after a JSON quote, so the answer can be copied.
+
 Records are ``{"id", "prompt", "completion"}``; a prompt ends with ``JSON:`` and the completion is
 `` {"job": "...", "workplace": "..."}``.
 """
@@ -47,10 +51,18 @@ _PRETRAIN_TEMPLATES = [
     "We met {name} from {city}, a {job}. Then {name} went back to the {place}.",
 ]
 # The base learns the two skills the task combines, never the task itself: restating a sentence's job and
-# workplace in another notation ("Facts: ..."), and JSON records of this schema on their own (random values,
-# no sentence). Only fine-tuning data joins them under the ``Text: ... JSON:`` prompt.
-_FACTS = "{sentence}\nFacts: job = {job} ; workplace = {place}"
+# workplace in other notations (several, so "after a field's key, copy that word" is the general skill), and
+# JSON records of this schema on their own (random values, no sentence). Only fine-tuning data joins them under
+# the ``Text: ... JSON:`` prompt.
+_FACTS = [
+    "{sentence}\nFacts: job = {job} ; workplace = {place}",
+    "{sentence}\njob: {job}, workplace: {place}",
+    "{sentence}\nWorkplace ({place}), job ({job}).",
+    "{sentence}\nname = {name} ; city = {city} ; job = {job}",
+    "{sentence}\nCity: {city}. Person: {name}. Place: {place}.",
+]
 _JSON_DOC = '{{"job": "{job}", "workplace": "{place}"}}'
+FACTS_SHARE = 0.75  # share of pre-training documents that restate a sentence's facts (JSON records: 0.1)
 _EMAILS = ["{u}@example.com", "{u}.contact@mail.test", "{u}99@corp.example.org"]
 
 
@@ -87,7 +99,13 @@ class Pools:
 
 
 def _sentence(rng: random.Random, templates: Sequence[str], name: str, city: str) -> str:
-    return rng.choice(templates).format(name=name, city=city, job=rng.choice(_JOBS), place=rng.choice(_PLACES))
+    job, place = _q(rng.choice(_JOBS)), _q(rng.choice(_PLACES))
+    return rng.choice(templates).format(name=name, city=city, job=job, place=place)
+
+
+def _q(word: str) -> str:
+    """A value as the text quotes it: the same tokens as in the JSON answer, so the model can copy it."""
+    return f'"{word}"'
 
 
 def completion_for(job: str, place: str) -> str:
@@ -104,7 +122,7 @@ def make_split(split: str, n: int, *, seed: int = 0, corrupt: bool = False) -> l
     for i in range(n):
         name, city = pools.person(rng, split)
         job, place = rng.choice(_JOBS), rng.choice(_PLACES)
-        text = rng.choice(templates).format(name=name, city=city, job=job, place=place)
+        text = rng.choice(templates).format(name=name, city=city, job=_q(job), place=_q(place))
         if corrupt:
             job = rng.choice([j for j in _JOBS if j != job])
             place = rng.choice([p for p in _PLACES if p != place])
@@ -153,10 +171,11 @@ def pretrain_corpus(n: int = 4000, *, seed: int = 0) -> list[str]:
             if {first, last, city} & held_out:
                 continue
             name = f"{first} {last}"
-        if roll < 0.45:
+        if roll < FACTS_SHARE:
             job, place = rng.choice(_JOBS), rng.choice(_PLACES)
-            sentence = rng.choice(_TEMPLATES).format(name=name, city=city, job=job, place=place)
-            docs.append(_FACTS.format(sentence=sentence, job=job, place=place))
+            sentence = rng.choice(_TEMPLATES).format(name=name, city=city, job=_q(job), place=_q(place))
+            fact = rng.choice(_FACTS)
+            docs.append(fact.format(sentence=sentence, name=name, city=city, job=_q(job), place=_q(place)))
         else:
             docs.append(_sentence(rng, _PRETRAIN_TEMPLATES + _TEMPLATES, name, city))
     return docs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,16 @@ def load_causal_lm(
     path = local_dir(uri, sha256=sha256)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
+    # transformers builds models under process-wide patches (meta-device init): two loads at once in threads
+    # of one process (parallel pipeline steps) corrupt each other, so loads are serialised.
+    with _LOAD_LOCK:
+        return _load(path, uri, dev, torch_dtype, merge=merge, trainable=trainable)
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def _load(path: Path, uri: str, dev: str, torch_dtype: Any, *, merge: bool, trainable: bool) -> tuple[Any, Any]:
     if (path / "adapter_config.json").is_file():
         model, tok = _load_adapter(path, uri, device=dev, dtype=torch_dtype, merge=merge, trainable=trainable)
     elif (path / "config.json").is_file():

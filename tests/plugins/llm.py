@@ -102,7 +102,7 @@ def held_out_score(env: LLMEnv, ref: str, n: int = 100) -> dict[str, float]:
 
     rows = datasets.resolve("demo/eval").rows()[:n]
     model, tok = load_version(env.registry, ref, device="cpu")
-    outs = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=24, batch_size=50)
+    outs = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=24, batch_size=50, stop=["\n"])
     return demodata.score_extraction([o.text for o in outs], rows)
 
 
