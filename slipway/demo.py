@@ -58,7 +58,7 @@ def summary(reg: Any, run: Any) -> None:
     with reg.session() as s:
         prod = catalog.resolve(s, "tiny-base@production").ref
         _key, secret = keys.create_key(s, name=f"demo-{int(time.time())}", models=["tiny-base"])
-    prompt = "Extract the person and the city as JSON.\\nText: Our nurse, Ada Okafor, now lives in Quito.\\nJSON:"
+    prompt = 'Text: Our \\"nurse\\", Ada Okafor, now runs the \\"clinic\\" in Quito.\\nJSON:'
     console.rule("[bold]the endpoint")
     console.print(f"production: {prod}   base URL: {base}/v1   API key (shown once): {secret}")
     console.print("\n[bold]curl[/]")
@@ -79,7 +79,11 @@ def summary(reg: Any, run: Any) -> None:
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=secret, max_retries=3)
     r = client.completions.create(
-        model="tiny-base", prompt=prompt.replace("\\n", "\n"), max_tokens=32, temperature=0, stop=["\n"]
+        model="tiny-base",
+        prompt=prompt.replace("\\n", "\n").replace('\\"', '"'),
+        max_tokens=32,
+        temperature=0,
+        stop=["\n"],
     )
     console.print(
         f"\n[bold green]the endpoint answered[/] ({r.model}, {r.usage.total_tokens} tokens):{r.choices[0].text}",

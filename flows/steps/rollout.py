@@ -148,7 +148,7 @@ def _start_traffic(ctx: StepContext, spec: TrafficSpec, base: str, model: str) -
     from slipway.registry.types import utcnow
     from slipway.rollout.traffic import Traffic
 
-    prompts = ["Extract the person and the city as JSON.\nText: Ana moved to Lisbon last year.\nJSON:"]
+    prompts = ['Text: Ana moved to Lisbon last year to work as a "pilot" at the "garage".\nJSON:']
     if spec.suite is not None:
         from slipway.evaluation.runner import load_examples
 
