@@ -5,7 +5,8 @@
 
 Two kinds of broken candidate: one that breaks mid-step (after its first requests succeed), one broken
 from its first request (caught while mirrored or at its first weighted requests). Time is measured on the
-client: from the first failed request to the last request the gateway routed to the canary. Failed client
+client: from the first failed request to the last request the gateway routed to the canary ("nan" when no
+client request failed: the breaker tripped on mirrored requests, before any client saw an error). Failed client
 requests are counted (mirrored requests never reach the client). Loopback only, bounded.
 Goals (issue 9): median <= 2 s, worst case <= 10 s. For scale: Flagger's defaults take ~120 s.
 """
@@ -38,7 +39,7 @@ def main() -> None:
     from ray import serve
 
     from slipway.policies.loader import load
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.serving import FaultInjection, ServingConfig
     from slipway.registry import Registry, catalog, keys, leases
     from slipway.rollout import promotion
     from slipway.rollout.controller import Controller
@@ -74,7 +75,7 @@ def main() -> None:
             holder = promotion.holder_id(f"bench-{version}")
             with reg.session() as s:
                 leases.acquire(s, model="bench", holder=holder)
-            fault = cfg.model_copy(update={"fault_injection": {"error_rate": 1.0, "after_s": after_s}})
+            fault = cfg.model_copy(update={"fault_injection": FaultInjection(error_rate=1.0, after_s=after_s)})
             ctl = Controller(
                 reg,
                 plan,
