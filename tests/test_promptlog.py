@@ -13,7 +13,8 @@ from slipway.artifacts import open_store
 from slipway.promptlog import KmsEncryptor, PromptLogError, PromptLogger, TransitEncryptor, redact
 from slipway.secrets import VaultClient, VaultSettings
 
-pytestmark = pytest.mark.usefixtures("all_log_lines")
+# One worker runs the whole module in order, so the last test sees every log line the others produced.
+pytestmark = [pytest.mark.usefixtures("all_log_lines"), pytest.mark.xdist_group("promptlog")]
 
 EMAIL, PHONE, CARD = "ana.lopez@example.org", "+1 415-555-0132", "4111 1111 1111 1111"
 PROMPT = f"My card is {CARD}, mail me at {EMAIL} or call {PHONE}. What is the refund policy?"

@@ -11,7 +11,8 @@ from pydantic_settings import SettingsConfigDict
 from slipway import secrets
 from slipway.secrets import SecretError, VaultClient, VaultResolvingSettings, VaultSettings
 
-pytestmark = pytest.mark.usefixtures("all_log_lines")
+# One worker runs the whole module in order, so the last test sees every log line the others produced.
+pytestmark = [pytest.mark.usefixtures("all_log_lines"), pytest.mark.xdist_group("secrets-logs")]
 
 DB_PASSWORD = "pw-7f3a9c1e2d"  # every secret value used here; none may appear in any log line
 JWT_KEY = "jwt-5b8e0d4c6a91f2"
