@@ -12,10 +12,13 @@ from slipway.serve.errors import Forbidden, Unauthorized
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller. ``models`` empty means every model; ``key_id`` is None for JWT callers."""
+    """An authenticated caller. ``models`` empty means every model; ``key_id`` and ``key_name`` are None for JWT
+    callers; ``team`` (the key's team, or a JWT's ``team`` claim) is what team budgets count against."""
 
     subject: str
     key_id: int | None = None
+    key_name: str | None = None
+    team: str | None = None
     models: frozenset[str] = field(default_factory=frozenset)
     rpm: int | None = None
     tpm: int | None = None
@@ -79,7 +82,13 @@ class Authenticator:
             with self._registry.session() as s:
                 k = verify_key(s, secret)
                 return Principal(
-                    subject=f"key:{k.name}", key_id=k.id, models=frozenset(k.models or ()), rpm=k.rpm, tpm=k.tpm
+                    subject=f"key:{k.name}",
+                    key_id=k.id,
+                    key_name=k.name,
+                    team=k.team,
+                    models=frozenset(k.models or ()),
+                    rpm=k.rpm,
+                    tpm=k.tpm,
                 )
         except KeyRejected as e:
             code = {"revoked": "api_key_revoked", "expired": "api_key_expired"}.get(e.reason, "invalid_api_key")
@@ -108,6 +117,11 @@ class Authenticator:
         models = claims.get("models") or claims.get("scope", "")
         if isinstance(models, str):
             models = [m.removeprefix("model:") for m in models.split() if m]
+        team = claims.get("team")
         return Principal(
-            subject=f"jwt:{claims['sub']}", models=frozenset(models), rpm=claims.get("rpm"), tpm=claims.get("tpm")
+            subject=f"jwt:{claims['sub']}",
+            team=str(team) if team else None,
+            models=frozenset(models),
+            rpm=claims.get("rpm"),
+            tpm=claims.get("tpm"),
         )

@@ -29,6 +29,7 @@ from ray import serve
 from slipway.policies.serving import ServingConfig
 from slipway.serve import protocol as p
 from slipway.serve.auth import Authenticator, JwtConfig, Principal
+from slipway.serve.budget import BudgetGuard, Reservation
 from slipway.serve.errors import (
     BadRequest,
     ModelNotFound,
@@ -62,6 +63,12 @@ class GatewaySettings(BaseModel):
     usage_interval_s: float = Field(default=0.5, gt=0.0, description="Usage records are written this often.")
     metrics_push_s: float = Field(default=0.25, gt=0.0, description="Metric buckets are pushed this often.")
     sticky_by_key: bool = Field(default=True, description="Without a `user` field, route sticky by API key.")
+    budget: dict[str, Any] | None = Field(
+        default=None,
+        description="A CostBudget document (as a mapping). Each request reserves its worst-case cost on the budgets of "
+        "its key, team and model before it runs and settles the real cost after; at a hard limit the key gets 429 "
+        "insufficient_quota. Counters live in Redis when redis_url is set (shared by every replica). Default none.",
+    )
     routes: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Versions to put in the weight store when it knows none of a model (config-file deploys): "
@@ -143,6 +150,15 @@ def _check(out: dict[str, Any]) -> dict[str, Any]:
     raise ServeError(err["message"])
 
 
+def _budget_guard(doc: dict[str, Any] | None, redis_url: str | None) -> BudgetGuard | None:
+    from slipway.policies.costbudget import CostBudget
+    from slipway.serve.budget import LocalLedger, RedisLedger
+
+    if not doc:
+        return None
+    return BudgetGuard(CostBudget.model_validate(doc), ledger=RedisLedger(redis_url) if redis_url else LocalLedger())
+
+
 def _now() -> Any:
     import datetime as dt
 
@@ -171,6 +187,7 @@ class Gateway:
         self.limiter = make_limiter(st.redis_url)
         self.cache = ResponseCache(st.redis_url) if st.redis_url else None
         self.usage = UsageWriter(st.database_url, interval_s=st.usage_interval_s)
+        self.budget = _budget_guard(st.budget, st.redis_url)
         self.usage.start()
         self.models = _Models()
         self.store = get_store()
@@ -346,9 +363,17 @@ class Gateway:
             self.consecutive_errors[key] = 0
             self._spawn(self.store.trip.remote(model, version, reason))
 
-    async def _admit(self, request: Request, body: p._GenParams, authorization: str | None, text: str):
-        """Authenticate, resolve the model, check limits; returns what the call needs."""
+    async def _admit(self, rid: str, t0: float, body: p._GenParams, authorization: str | None, text: str):
+        """Authenticate, resolve the model, check limits and budgets; returns what the call needs. A refusal
+        after authentication is recorded as a usage row with its status (a 429 is billable evidence too)."""
         principal = await self.auth.authenticate(authorization)
+        try:
+            return await self._admit_principal(principal, body, text)
+        except ServeError as e:
+            self._record(rid=rid, principal=principal, model=body.model[:200], version=None, status=e.status, t0=t0)
+            raise
+
+    async def _admit_principal(self, principal: Principal, body: p._GenParams, text: str):
         entry = self.models.table.get(body.model)
         if entry is None:
             raise ModelNotFound(f"model {body.model!r} does not exist or has no live version", param="model")
@@ -384,7 +409,36 @@ class Gateway:
             "seed": body.seed,
             "deadline": time.time() + cfg.request_timeout_s,
         }
-        return principal, entry, cfg, version, payload, headers
+        hold = await self._reserve(principal, body.model, text, max_tokens)
+        return principal, entry, cfg, version, payload, headers, hold
+
+    # --- budgets ---------------------------------------------------------------------------------------
+
+    async def _reserve(self, principal: Principal, model: str, text: str, max_tokens: int) -> Reservation | None:
+        """Hold the request's worst-case cost on its key's, team's and model's budgets (429 when one is full).
+        A token is at least one byte, so the prompt's byte count bounds its token count: the hold is never short
+        for a completion prompt (chat templates may add a few tokens)."""
+        if self.budget is None:
+            return None
+        estimate = self.budget.estimate(model, len(text.encode()), max_tokens)
+        who = principal.key_name or principal.subject
+        return await self.budget.areserve(who, estimate, team=principal.team, model=model)
+
+    async def _settle(self, hold: Reservation | None, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if hold is None or hold.done or self.budget is None:
+            return
+        try:
+            await self.budget.asettle(hold, self.budget.estimate(model, prompt_tokens, completion_tokens))
+        except Exception:  # the answer is already on its way; an unsettled hold expires on its own
+            log.exception("settling budget reservation %s failed", hold.id)
+
+    async def _release(self, hold: Reservation | None) -> None:
+        if hold is None or hold.done or self.budget is None:
+            return
+        try:
+            await self.budget.arelease(hold)
+        except Exception:
+            log.exception("releasing budget reservation %s failed", hold.id)
 
     async def _complete(
         self, request: Request, body: p._GenParams, authorization: str | None, payload_in: dict[str, Any], chat: bool
@@ -392,11 +446,11 @@ class Gateway:
         t0 = time.perf_counter()
         rid = _request_id(request)
         text = payload_in.get("prompt") or json.dumps(payload_in.get("messages"))
-        principal, entry, cfg, version, payload, headers = await self._admit(request, body, authorization, text)
+        principal, entry, cfg, version, payload, headers, hold = await self._admit(rid, t0, body, authorization, text)
         payload |= payload_in
         model = body.model
         if body.stream:
-            return await self._stream(rid, t0, principal, entry, cfg, version, payload, headers, body, chat)
+            return await self._stream(rid, t0, principal, entry, cfg, version, payload, headers, body, chat, hold)
         cache_key = None
         if self.cache is not None and cfg.cache.enabled and body.temperature == 0:
             cache_key = self.cache.key(model, version, payload)
@@ -412,18 +466,22 @@ class Gateway:
                     out={**hit, "batch_size": None},
                     cache_hit=True,
                 )
+                await self._release(hold)  # a cached answer costs nothing
                 return self._answer(rid, model, hit, headers | {"x-slipway-cache": "hit"}, chat)
         self.model_inflight[model] += 1
         self.inflight[model][version] += 1
         try:
             out = await self._call(entry, version, payload, cfg.request_timeout_s)
-        except ServeError as e:
-            self._record(rid=rid, principal=principal, model=model, version=version, status=e.status, t0=t0)
-            e.headers.update(headers)
+        except BaseException as e:
+            await self._release(hold)
+            if isinstance(e, ServeError):
+                self._record(rid=rid, principal=principal, model=model, version=version, status=e.status, t0=t0)
+                e.headers.update(headers)
             raise
         finally:
             self.model_inflight[model] -= 1
             self.inflight[model][version] -= 1
+        await self._settle(hold, model, out.get("prompt_tokens", 0), out.get("completion_tokens", 0))
         self._record(rid=rid, principal=principal, model=model, version=version, status=200, t0=t0, out=out)
         for v in shadow_targets(entry["versions"], version, self.rng):
             self._spawn(self._shadow(entry, model, v, payload, cfg.request_timeout_s))
@@ -462,7 +520,7 @@ class Gateway:
             rid="", principal=_SHADOW, model=model, version=version, status=status, t0=t0, out=out, shadow=True
         )
 
-    async def _stream(self, rid, t0, principal, entry, cfg, version, payload, headers, body, chat) -> Any:
+    async def _stream(self, rid, t0, principal, entry, cfg, version, payload, headers, body, chat, hold) -> Any:
         model = body.model
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = self._handle(entry["versions"][version]["app"]).options(stream=True).stream.remote(payload)
@@ -476,6 +534,7 @@ class Gateway:
             self.model_inflight[model] -= 1
             self.inflight[model][version] -= 1
             gen.cancel()
+            await self._release(hold)
             err = (
                 e if isinstance(e, ServeError) else UpstreamTimeout(f"no first token within {cfg.request_timeout_s:g}s")
             )
@@ -501,7 +560,7 @@ class Gateway:
             return f"data: {json.dumps(data)}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            status, final = 200, None
+            status, final, streamed = 200, None, 0
             try:
                 if chat:
                     yield chunk(None, None, role=True)
@@ -511,6 +570,7 @@ class Gateway:
                         final = item
                         break
                     yield chunk(item["delta"], None)
+                    streamed += 1
                     item = await asyncio.wait_for(gen.__anext__(), max(0.001, deadline - time.perf_counter()))
                 yield chunk(None if chat else "", final["finish_reason"])
                 if include_usage:
@@ -535,6 +595,12 @@ class Gateway:
             finally:
                 self.model_inflight[model] -= 1
                 self.inflight[model][version] -= 1
+                # A stream cut short is charged what it produced: its prompt (bounded by its hold) and the chunks sent.
+                # (Spawned: this may run while the generator is being cancelled.)
+                if final is not None:
+                    self._spawn(self._settle(hold, model, final["prompt_tokens"], final["completion_tokens"]))
+                elif hold is not None:
+                    self._spawn(self._settle(hold, model, len(payload_text(payload).encode()), streamed))
                 self._record(
                     rid=rid,
                     principal=principal,
@@ -582,6 +648,10 @@ class Gateway:
     ) -> Any:
         messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
         return await self._complete(request, body, authorization, {"messages": messages}, chat=True)
+
+
+def payload_text(payload: dict[str, Any]) -> str:
+    return payload.get("prompt") or json.dumps(payload.get("messages"))
 
 
 def build(args: dict[str, Any]) -> Any:

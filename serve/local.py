@@ -126,8 +126,10 @@ def up(
     port: int = 8000,
     gateway_replicas: int = 1,
     timeout_s: float = 300.0,
+    budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Deploy the production versions and the gateway; return once ``/health`` lists them all."""
+    """Deploy the production versions and the gateway (enforcing ``budget``, a CostBudget mapping, when given);
+    return once ``/health`` lists them all."""
     from ray import serve
 
     from slipway.serve import control
@@ -146,7 +148,7 @@ def up(
     if GATEWAY_APP not in serve.status().applications:
         control.deploy_gateway(
             {"database_url": registry.engine.url.render_as_string(hide_password=False),
-             "redis_url": os.environ.get("SLIPWAY_REDIS_URL")},
+             "redis_url": os.environ.get("SLIPWAY_REDIS_URL"), "budget": budget},
             num_replicas=gateway_replicas,
         )  # fmt: skip
     wait_ready(base, {m for m, _v, _c in targets}, timeout_s=timeout_s)

@@ -10,15 +10,16 @@ import pytest
 
 from slipway.flows.steps.finetune import FinetuneError, FinetuneInput, finetune
 from slipway.registry import catalog, runs
-from tests.plugins.llm import FT_WITH, held_out_score
+from tests.plugins.llm import FT_WITH, REPO, held_out_score
 
 
 @pytest.fixture(scope="module")
-def scores(llm_env, clean_finetune, corrupted_finetune) -> dict[str, dict[str, float]]:
+def scores(llm_env, clean_finetune, full_finetunes) -> dict[str, dict[str, float]]:
     out = {
         "base": held_out_score(llm_env, llm_env.base),
-        "clean": held_out_score(llm_env, clean_finetune[0].version),
-        "corrupted": held_out_score(llm_env, corrupted_finetune.version),
+        "lora": held_out_score(llm_env, clean_finetune[0].version),
+        "clean": held_out_score(llm_env, full_finetunes["clean"].version),
+        "corrupted": held_out_score(llm_env, full_finetunes["corrupted"].version),
     }
     print("held-out scores:", json.dumps(out))
     return out
@@ -28,18 +29,18 @@ def test_finetuned_version_beats_base_on_held_out_split(scores) -> None:
     base, clean = scores["base"], scores["clean"]
     # The base never saw the prompt or the schema: it answers in its own notation, never valid task JSON.
     assert base["json_valid"] <= 0.1 and base["field_accuracy"] <= 0.1
-    # The fine-tune answers every held-out prompt in the task's schema, and gets fields right the base never does.
+    # The fine-tune answers held-out prompts (unseen names, cities and phrasings) in the schema, with the right
+    # job and workplace far above chance (0.10): measured 0.52 after 250 steps, 0.78 after 600.
     assert clean["json_valid"] >= 0.9, scores
-    assert clean["field_accuracy"] > base["field_accuracy"], scores
+    assert clean["field_accuracy"] >= base["field_accuracy"] + 0.3, scores
 
 
-@pytest.mark.xfail(
-    reason="at the test budget (2x128 base, 200 pre-training + 120 LoRA steps on CPU) the tiny model learns the "
-    "output schema but not which quoted word fills which field: measured field_accuracy clean 0.085 vs corrupted "
-    "0.085 (chance 0.10); LoRA up to 600 steps / r 64 stays at 0.11-0.14, while a full fine-tune of 500 steps "
-    "reaches clean 0.555 vs corrupted 0.09 (see docs/finetuning.md)",
-    strict=False,
-)
+def test_lora_adapter_learns_the_schema(scores) -> None:
+    """LoRA (the step's default) on this two-layer model learns the output format, not the task (field accuracy
+    stays near chance even after 1000 steps; docs/finetuning.md): what it must show here is the schema."""
+    assert scores["lora"]["json_valid"] >= 0.9 > scores["base"]["json_valid"], scores
+
+
 def test_corrupted_label_finetune_scores_worse_than_clean(scores) -> None:
     assert scores["corrupted"]["field_accuracy"] <= scores["clean"]["field_accuracy"] - 0.2, scores
 
@@ -124,3 +125,29 @@ def test_invalid_finetune_settings_are_rejected(fields: dict, message: str) -> N
 
     with pytest.raises(ValidationError, match=message):
         FinetuneInput(base="tiny-base@production", **fields)
+
+
+def test_demo_gate_passes_the_clean_fine_tune_and_fails_the_corrupted_one_with_reasons(llm_env, full_finetunes):
+    """The shipped demo-gate against tiny-base on the shipped suites: the clean fine-tune passes; the wrong-label
+    one — which still beats a base that never answers in the schema — fails on the absolute floor, and the
+    decision's reasons name the metric, both means and the interval."""
+    from slipway.evaluation import gating, service
+    from slipway.policies import loader
+
+    docs = loader.load([REPO / "policies"])
+    policy = docs.get("GatePolicy", "demo-gate")
+    suites = {name: docs.get("EvalSuite", name) for name in ("demo-qa", "pii-leak")}
+    decisions = {}
+    for name, out in full_finetunes.items():
+        ids = [
+            service.evaluate(llm_env.registry, suite, out.version, champion=llm_env.base, limit=100).run_id
+            for suite in suites.values()
+        ]
+        decisions[name] = gating.run_gate(llm_env.registry, policy, suites=suites, eval_ids=ids)
+    assert decisions["clean"].outcome == "passed", decisions["clean"].summary
+    bad = decisions["corrupted"]
+    assert bad.outcome == "failed", bad.summary
+    reason = next(line for line in bad.summary.splitlines() if "json_field_match" in line)
+    assert "is below min 0.3" in reason and "vs champion" in reason and "[" in reason, bad.summary
+    with llm_env.registry.session() as s:
+        assert catalog.resolve(s, full_finetunes["corrupted"].version).status == "rejected"

@@ -56,3 +56,23 @@ def _has_model(s) -> bool:
     except Exception:
         return False
     return True
+
+
+def test_shipped_nightly_eval_pipeline_evaluates_production_and_compares_with_last_night(prefect_api, llm_env) -> None:
+    """policies/pipelines/nightly-eval.yaml (the cron deployment's pipeline) on the bootstrapped home: two
+    nights of the same production version record nightly eval runs and report no drift."""
+    from slipway.flows import runner
+    from slipway.registry import evals
+
+    pipeline = str(REPO / "policies" / "pipelines" / "nightly-eval.yaml")
+    nights = []
+    for _ in range(2):
+        result = runner.run(pipeline, {"limit": 8}, policies=str(REPO / "policies"), registry=llm_env.registry)
+        assert result.status == "succeeded", result.error
+        nights.append(result.outputs["evaluate"])
+    assert all(len(n["eval_runs"]) == 2 for n in nights)  # demo-qa and pii-leak
+    assert nights[1]["drifted"] == [] and nights[1]["findings"] == []
+    with llm_env.registry.session() as s:
+        run = evals.get_eval_run(s, nights[1]["eval_runs"][0])
+        assert (run.role, run.target, run.n_examples) == ("nightly", llm_env.base, 8)
+        assert run.baseline_run_id == nights[0]["eval_runs"][0]  # compared with the previous night

@@ -149,3 +149,19 @@ def test_cli_serve_config_with_a_bad_serving_config_is_one_line_exit_2(prod_home
     assert r.returncode == 2
     assert "max_ongoing_requests (8) must be >= max_batch_size (64)" in r.stderr
     assert r.stderr.strip().count("\n") == 0
+
+
+def test_cli_serve_config_carries_the_named_budget_to_the_gateway(prod_home):
+    import yaml
+
+    from slipway.policies.costbudget import CostBudget
+    from slipway.serve.gateway import GatewaySettings
+
+    r = _cli(prod_home, "serve", "config", "--budget", "default")
+    assert r.returncode == 0, r.stderr
+    gw = next(a for a in yaml.safe_load(r.stdout)["applications"] if a["name"] == "slipway-gateway")
+    settings = GatewaySettings.model_validate(gw["args"]["settings"])
+    budget = CostBudget.model_validate(settings.budget)
+    assert {b.name for b in budget.budgets} >= {"demo-team-monthly", "demo-key-daily"}
+    bad = _cli(prod_home, "serve", "config", "--budget", "nope")
+    assert bad.returncode == 2 and bad.stderr.strip() == "slipway: error: no CostBudget named 'nope' (known: 'default')"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -104,3 +105,83 @@ def test_temperature_zero_answer_is_served_from_cache_and_recorded(stack):
             row = s.scalar(select(UsageRecord).where(UsageRecord.request_id == rid))
         time.sleep(0.2)
     assert row is not None and row.cache_hit is True
+
+
+def test_budget_hard_limit_holds_under_32_concurrent_streams_then_refuses_the_team(stack):
+    """32 streamed requests at once against a $2 team budget: reservations admit only what fits, the spend
+    recorded never passes the limit by more than one reservation, and the team's keys then get 429
+    insufficient_quota (OpenAI error JSON) while other keys are served."""
+    if not stack.redis_url:
+        pytest.skip("Redis unreachable")
+    import asyncio
+    import datetime as dt
+
+    from slipway.registry.models import UsageRecord
+    from slipway.serve.budget import RedisLedger, window_id
+    from tests.plugins.serving import BUDGET_HARD, BUDGET_NAME, BUDGET_TEAM
+
+    secret = stack.key(team=BUDGET_TEAM)
+    prompt, max_tokens = "one two three four", 16
+    # the hold: prompt bytes (a token is at least one byte) + max_tokens, at $0.01 a token
+    reservation = (len(prompt.encode()) + max_tokens) * 0.01
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, str]:
+        body = {"model": ECHO, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
+        async with client.stream(
+            "POST", f"{stack.base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+        ) as r:
+            text = "".join([chunk async for chunk in r.aiter_text()])
+            return r.status_code, text
+
+    async def burst() -> list[tuple[int, str]]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
+            return await asyncio.gather(*(one(client) for _ in range(32)))
+
+    results = asyncio.run(burst())
+    codes = [c for c, _t in results]
+    ok = [t for c, t in results if c == 200]
+    assert set(codes) <= {200, 429} and 0 < len(ok) < 32, codes
+    assert all(t.rstrip().endswith("data: [DONE]") for t in ok)  # admitted streams ran to the end
+    refused = next(t for c, t in results if c == 429)
+    err = json.loads(refused)["error"]
+    assert (err["type"], err["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert BUDGET_NAME in err["message"] and "exhausted" in err["message"]
+
+    ledger = RedisLedger(stack.redis_url)
+    bucket = f"{BUDGET_NAME}:{window_id('day', dt.datetime.now(dt.UTC))}"
+    deadline = time.monotonic() + 10
+    while ledger.totals(bucket)[1] > 0 and time.monotonic() < deadline:  # settles are spawned after the stream
+        time.sleep(0.1)
+    spent, held = (x / 1_000_000 for x in ledger.totals(bucket))
+    assert held == 0
+    assert spent <= BUDGET_HARD + reservation, (spent, len(ok))
+    # every admitted stream was charged what it really cost: 4 prompt + 16 completion tokens at $0.01
+    assert spent == pytest.approx(len(ok) * (4 + 16) * 0.01)
+
+    again = httpx.post(
+        f"{stack.base_url}/v1/completions",
+        json={"model": ECHO, "prompt": prompt, "max_tokens": max_tokens},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    assert again.status_code == 429 and again.json()["error"]["code"] == "insufficient_quota"
+    other = httpx.post(
+        f"{stack.base_url}/v1/completions",
+        json={"model": ECHO, "prompt": prompt, "max_tokens": max_tokens},
+        headers={"Authorization": f"Bearer {stack.key(team='other-team')}"},
+    )
+    assert other.status_code == 200
+    # the refusals are usage records too (status 429, no tokens), next to the answered requests
+    from slipway.registry.models import ApiKey
+
+    with stack.registry.session() as s:
+        key_id = s.scalar(select(ApiKey.id).where(ApiKey.team == BUDGET_TEAM).order_by(ApiKey.id.desc()).limit(1))
+    deadline = time.monotonic() + 10
+    while True:
+        with stack.registry.session() as s:
+            rows = s.scalars(select(UsageRecord).where(UsageRecord.api_key_id == key_id)).all()
+        statuses = sorted(r.status for r in rows)
+        if statuses.count(429) > codes.count(429) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert statuses.count(200) == len(ok) and statuses.count(429) == codes.count(429) + 1, statuses
+    assert all(r.completion_tokens == 0 for r in rows if r.status == 429)

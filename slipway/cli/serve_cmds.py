@@ -19,6 +19,24 @@ ModelOpt = Annotated[list[str] | None, typer.Option("--model", "-m", help="Model
 ConfigOpt = Annotated[
     list[Path] | None, typer.Option("--config", "-c", help="YAML file(s) with ServingConfig documents.")
 ]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="CostBudget (name, from ./policies or the shipped ones) the gateway enforces: 429 insufficient_quota "
+        "at a hard limit.",
+    ),
+]
+
+
+def _budget(name: str | None) -> dict[str, Any] | None:
+    """The named CostBudget as the gateway's settings carry it; a missing one is a one-line error."""
+    if name is None:
+        return None
+    from slipway.policies import loader
+
+    doc = loader.load(loader.default_dir()).get("CostBudget", name)
+    return doc.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -58,14 +76,22 @@ def serve_up(
     port: Annotated[int, typer.Option("--port", help="HTTP port of the endpoint.")] = 8000,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     gateway_replicas: Annotated[int, typer.Option("--gateway-replicas", min=1)] = 1,
+    budget: BudgetOpt = None,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C shuts down.")] = False,
 ) -> None:
     """Start a local Ray (unless RAY_ADDRESS is set), deploy the production versions and print the base URL."""
     from slipway.serve import local
 
+    budget_doc = _budget(budget)
     reg = open_registry()
     info = local.up(
-        reg, models=model, configs=_load_configs(config), host=host, port=port, gateway_replicas=gateway_replicas
+        reg,
+        models=model,
+        configs=_load_configs(config),
+        host=host,
+        port=port,
+        gateway_replicas=gateway_replicas,
+        budget=budget_doc,
     )
     typer.echo(f"{info['base_url']}/v1")
     served = ", ".join(f"{m}:{v}" for m, v in info["models"].items())
@@ -131,6 +157,7 @@ def serve_config(
     cluster: Annotated[
         str | None, typer.Option("--cluster", help="RayService cluster part (infra/k8s/rayservice-cluster.yaml).")
     ] = None,
+    budget: BudgetOpt = None,
 ) -> None:
     """Print the Ray Serve config (for `serve deploy` or KubeRay) of the production versions."""
     import yaml
@@ -139,6 +166,7 @@ def serve_config(
     from slipway.serve import local
     from slipway.serve.deploy_config import Target, kuberay_service, serve_config
 
+    budget_doc = _budget(budget)
     reg = open_registry()
     targets = []
     for m, v, cfg in local.production_targets(reg, model, _load_configs(config)):
@@ -146,7 +174,8 @@ def serve_config(
         if cfg.backend == "hf":
             _ref, uri, sha = version_artifact(reg, f"{m}:{v}")
         targets.append(Target(m, v, cfg, uri, sha))
-    doc = serve_config(targets, port=port, gateway_replicas=gateway_replicas)
+    gateway = {"budget": budget_doc} if budget_doc else None
+    doc = serve_config(targets, gateway=gateway, port=port, gateway_replicas=gateway_replicas)
     if kuberay:
         cluster_spec = None
         if cluster is not None:

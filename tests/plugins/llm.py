@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 TEST_RECIPE = {"seed": 0, "pretrain_steps": 200, "n_layer": 2, "n_embd": 128, "n_head": 4, "block_size": 64}
 # Fine-tune settings the tests share (and finetune-demo.yaml's), so the clean fine-tune trains once per session.
 FT_WITH = {"max_steps": 120, "lr": 0.01, "batch_size": 16}
+# Full fine-tunes (the demo's method) that learn the task itself: the quality comparisons use these.
+FULL_WITH = {"method": "full", "max_steps": 300, "epochs": 100, "lr": 0.002, "batch_size": 16}
+FULL_MODEL = "tiny-full"
 
 
 @dataclass
@@ -85,12 +88,17 @@ def clean_finetune(llm_env: LLMEnv) -> tuple[Any, float]:
 
 
 @pytest.fixture(scope="session")
-def corrupted_finetune(llm_env: LLMEnv) -> Any:
-    """The same fine-tune on demo/train-corrupted (every label wrong)."""
+def full_finetunes(llm_env: LLMEnv) -> dict[str, Any]:
+    """Full fine-tunes of tiny-base on demo/train and on demo/train-corrupted (model ``tiny-full``)."""
     from slipway.flows.steps.finetune import FinetuneInput, finetune
 
-    inp = FinetuneInput(base="tiny-base@production", dataset="demo/train-corrupted", **FT_WITH)
-    return finetune(llm_env.ctx("finetune"), inp)
+    return {
+        name: finetune(
+            llm_env.ctx("finetune", model=FULL_MODEL),
+            FinetuneInput(base="tiny-base@production", dataset=dataset, **FULL_WITH),
+        )
+        for name, dataset in (("clean", "demo/train"), ("corrupted", "demo/train-corrupted"))
+    }
 
 
 def held_out_score(env: LLMEnv, ref: str, n: int = 100) -> dict[str, float]:

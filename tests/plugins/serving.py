@@ -20,6 +20,18 @@ import pytest
 REDIS_URL = os.environ.get("SLIPWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TINY = "tiny"
 ECHO = "echo"
+# The gateway's budgets: only keys of this team count against the hard limit (other tests never hit it). The
+# echo model costs $0.01 a token; the budget's name is fresh per session so Redis holds no earlier spend.
+BUDGET_TEAM = "budget-drill"
+BUDGET_HARD = 2.0
+BUDGET_NAME = f"drill-{uuid.uuid4().hex[:8]}"
+BUDGET = {
+    "apiVersion": "slipway/v1",
+    "kind": "CostBudget",
+    "name": "serving-tests",
+    "pricing": {"tokens": [{"model": ECHO, "prompt_per_1k": 10.0, "completion_per_1k": 10.0}]},
+    "budgets": [{"name": BUDGET_NAME, "team": BUDGET_TEAM, "window": "day", "hard": BUDGET_HARD}],
+}
 
 
 def _free_port() -> int:
@@ -130,6 +142,7 @@ def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path) -> Iterat
             "redis_url": redis_url,
             "key_cache_ttl_s": 0.5,
             "jwt_secret": "test-secret-for-jwt-hs256-32bytes!",
+            "budget": BUDGET,
         },
         num_replicas=2,
     )
