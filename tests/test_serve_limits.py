@@ -158,12 +158,23 @@ def test_budget_hard_limit_holds_under_32_concurrent_streams_then_refuses_the_te
     # every admitted stream was charged what it really cost: 4 prompt + 16 completion tokens at $0.01
     assert spent == pytest.approx(len(ok) * (4 + 16) * 0.01)
 
-    again = httpx.post(
-        f"{stack.base_url}/v1/completions",
-        json={"model": ECHO, "prompt": prompt, "max_tokens": max_tokens},
-        headers={"Authorization": f"Bearer {secret}"},
-    )
-    assert again.status_code == 429 and again.json()["error"]["code"] == "insufficient_quota"
+    # What the burst's holds kept out fits now that it settled below its estimates: spend it until refused.
+    extra = []
+    for _ in range(5):
+        extra.append(
+            httpx.post(
+                f"{stack.base_url}/v1/completions",
+                json={"model": ECHO, "prompt": prompt, "max_tokens": max_tokens},
+                headers={"Authorization": f"Bearer {secret}"},
+            )
+        )
+        if extra[-1].status_code != 200:
+            break
+    again = extra[-1]
+    assert again.status_code == 429 and again.json()["error"]["code"] == "insufficient_quota", again.text
+    answered = len(ok) + len(extra) - 1
+    spent = ledger.totals(bucket)[0] / 1_000_000
+    assert spent == pytest.approx(answered * (4 + 16) * 0.01) and BUDGET_HARD - reservation < spent <= BUDGET_HARD
     other = httpx.post(
         f"{stack.base_url}/v1/completions",
         json={"model": ECHO, "prompt": prompt, "max_tokens": max_tokens},
@@ -183,5 +194,5 @@ def test_budget_hard_limit_holds_under_32_concurrent_streams_then_refuses_the_te
         if statuses.count(429) > codes.count(429) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert statuses.count(200) == len(ok) and statuses.count(429) == codes.count(429) + 1, statuses
+    assert statuses.count(200) == answered and statuses.count(429) == codes.count(429) + 1, statuses
     assert all(r.completion_tokens == 0 for r in rows if r.status == 429)
