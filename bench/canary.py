@@ -4,10 +4,13 @@
     python bench/canary.py [--trials 5] [--rps 20]
 
 Two kinds of broken candidate: one that breaks mid-step (after its first requests succeed), one broken
-from its first request (caught while mirrored or at its first weighted requests). Time is measured on the
-client: from the first failed request to the last request the gateway routed to the canary ("nan" when no
-client request failed: the breaker tripped on mirrored requests, before any client saw an error). Failed client
-requests are counted (mirrored requests never reach the client). Loopback only, bounded.
+from its first request (caught while mirrored or at its first weighted requests). Time to rollback is measured
+on the server, on one clock: from the first fault the candidate's replica injected (``first_fault_at``, read
+from the replica while the canary runs) to the moment its weight went to 0 (the gateway breaker's trip, or the
+controller's rollback: ``RolloutResult.weight_zero_at``). The client's view is printed beside it: from the
+first failed request to the last request routed to the canary ("-" when no client request failed: the breaker
+tripped on mirrored requests). Failed client requests are counted (mirrored requests never reach the client).
+Loopback only, bounded.
 Goals (issue 9): median <= 2 s, worst case <= 10 s. For scale: Flagger's defaults take ~120 s.
 """
 
@@ -18,6 +21,7 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +31,32 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class FaultWatch(threading.Thread):
+    """Polls the candidate replica's ``info()`` until it reports its first injected fault."""
+
+    def __init__(self, app: str) -> None:
+        super().__init__(daemon=True)
+        self.app, self.first_fault_at, self._stop = app, None, threading.Event()
+
+    def run(self) -> None:
+        from ray import serve
+
+        from slipway.serve.model_server import DEPLOYMENT_NAME
+
+        while not self._stop.is_set() and self.first_fault_at is None:
+            try:
+                h = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app)
+                self.first_fault_at = h.info.remote().result(timeout_s=2)["first_fault_at"]
+            except Exception:
+                pass  # not deployed yet, or already removed
+            self._stop.wait(0.05)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self.join(5)
+        return self.first_fault_at
 
 
 def main() -> None:
@@ -88,7 +118,10 @@ def main() -> None:
             )
             traffic = Traffic(base, secret, "bench", ["hello bench"], rps=args.rps, max_tokens=4).start()
             time.sleep(1.0)
+            watch = FaultWatch(f"bench-v{version}")
+            watch.start()
             result = ctl.run()
+            onset_server = watch.stop()
             time.sleep(1.0)
             outcomes = traffic.stop()
             with reg.session() as s:
@@ -97,11 +130,13 @@ def main() -> None:
             to_canary = [o.t for o in outcomes if o.version == str(version)]
             onset = failed[0].t if failed else float("nan")
             last = max(to_canary) if to_canary else onset
-            ttr = max(0.0, last - onset) if failed else float("nan")
-            results[kind].append((ttr, len(failed), result.rollback_at or float("nan")))
+            client = f"{max(0.0, last - onset):5.2f} s" if failed else "    -  "
+            nan = float("nan")
+            ttr = result.weight_zero_at - onset_server if onset_server and result.weight_zero_at else nan
+            results[kind].append((ttr, len(failed), result.rollback_at or nan))
             print(
-                f"trial {trial + 1} {kind:18s}: {result.outcome}, fault -> weight 0 {ttr:5.2f} s, "
-                f"{len(failed)} failed of {len(outcomes)} requests; {result.reason}",
+                f"trial {trial + 1} {kind:18s}: {result.outcome}, first fault -> weight 0 {ttr:5.2f} s "
+                f"(client view {client}), {len(failed)} failed of {len(outcomes)} requests; {result.reason}",
                 flush=True,
             )
     print(

@@ -210,11 +210,19 @@ class Gateway:
         self.m_batch = metrics.Histogram(
             "slipway_batch_size", "Batch a request ran in.", [1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=tags
         )
+        self.m_weight = metrics.Gauge(
+            "slipway_traffic_weight", "Share of new requests routed to a version (0-1).", tag_keys=tags
+        )
+        self.m_shadow = metrics.Gauge("slipway_shadow_share", "Share of requests mirrored to a version.", tag_keys=tags)
+        self.m_spend = metrics.Counter(
+            "slipway_spend_usd", "US dollars settled against budgets (token prices).", tag_keys=tags
+        )
+        self._weighted: set[tuple[str, str]] = set()
         # Block until the routing table is known, so a fresh replica never answers 404 for a live model.
         rev, table = await self.store.snapshot.remote()
         if self.settings.routes:
             rev, table = await self._seed(table)
-        self.models.apply(rev, table)
+        self._apply(rev, table)
         loop = asyncio.get_running_loop()
         self._bg = [loop.create_task(self._follow_weights()), loop.create_task(self._push_metrics())]
 
@@ -238,12 +246,28 @@ class Gateway:
             try:
                 rev, table = await self.store.wait.remote(self.models.rev, 30.0)
                 if rev != self.models.rev:
-                    self.models.apply(rev, table)
+                    self._apply(rev, table)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("weight store unreachable; retrying")
                 await asyncio.sleep(1.0)
+
+    def _apply(self, rev: int, table: dict[str, Any]) -> None:
+        """Take a new routing table, and export each version's weight and shadow share (0 once it is gone)."""
+        self.models.apply(rev, table)
+        seen = set()
+        for model, entry in table.items():
+            for v, e in entry.get("versions", {}).items():
+                live = e.get("state") == "live"
+                tags = {"model": model, "version": v}
+                self.m_weight.set(float(e.get("weight", 0.0)) if live else 0.0, tags=tags)
+                self.m_shadow.set(float(e.get("shadow", 0.0)) if live else 0.0, tags=tags)
+                seen.add((model, v))
+        for model, v in self._weighted - seen:
+            self.m_weight.set(0.0, tags={"model": model, "version": v})
+            self.m_shadow.set(0.0, tags={"model": model, "version": v})
+        self._weighted = seen
 
     async def _push_metrics(self) -> None:
         while True:
@@ -424,11 +448,15 @@ class Gateway:
         who = principal.key_name or principal.subject
         return await self.budget.areserve(who, estimate, team=principal.team, model=model)
 
-    async def _settle(self, hold: Reservation | None, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    async def _settle(
+        self, hold: Reservation | None, model: str, version: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
         if hold is None or hold.done or self.budget is None:
             return
+        cost = self.budget.estimate(model, prompt_tokens, completion_tokens)
+        self.m_spend.inc(cost, tags={"model": model, "version": version})
         try:
-            await self.budget.asettle(hold, self.budget.estimate(model, prompt_tokens, completion_tokens))
+            await self.budget.asettle(hold, cost)
         except Exception:  # the answer is already on its way; an unsettled hold expires on its own
             log.exception("settling budget reservation %s failed", hold.id)
 
@@ -481,7 +509,7 @@ class Gateway:
         finally:
             self.model_inflight[model] -= 1
             self.inflight[model][version] -= 1
-        await self._settle(hold, model, out.get("prompt_tokens", 0), out.get("completion_tokens", 0))
+        await self._settle(hold, model, version, out.get("prompt_tokens", 0), out.get("completion_tokens", 0))
         self._record(rid=rid, principal=principal, model=model, version=version, status=200, t0=t0, out=out)
         for v in shadow_targets(entry["versions"], version, self.rng):
             self._spawn(self._shadow(entry, model, v, payload, cfg.request_timeout_s))
@@ -598,9 +626,9 @@ class Gateway:
                 # A stream cut short is charged what it produced: its prompt (bounded by its hold) and the chunks sent.
                 # (Spawned: this may run while the generator is being cancelled.)
                 if final is not None:
-                    self._spawn(self._settle(hold, model, final["prompt_tokens"], final["completion_tokens"]))
+                    self._spawn(self._settle(hold, model, version, final["prompt_tokens"], final["completion_tokens"]))
                 elif hold is not None:
-                    self._spawn(self._settle(hold, model, len(payload_text(payload).encode()), streamed))
+                    self._spawn(self._settle(hold, model, version, len(payload_text(payload).encode()), streamed))
                 self._record(
                     rid=rid,
                     principal=principal,

@@ -179,6 +179,7 @@ class ModelServer:
                 raise ValueError(f"{model}:{version}: the hf backend needs an artifact uri")
             self.backend = HFBackend(uri, sha256, device, self.cfg.dtype)
         self.started = time.monotonic()
+        self.first_fault_at: float | None = None  # wall clock of the first injected fault (chaos benches)
         self.batches = 0
         self.batched_requests = 0
         self.largest_batch = 0
@@ -232,6 +233,8 @@ class ModelServer:
             "backend": self.cfg.backend,
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
+            "first_fault_at": self.first_fault_at,
             "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
             **self.batch_settings,
             "batches": self.batches,
@@ -256,6 +259,8 @@ class ModelServer:
         if f.extra_latency_ms:
             await asyncio.sleep(f.extra_latency_ms / 1000.0)
         if f.error_rate and random.random() < f.error_rate:
+            if self.first_fault_at is None:
+                self.first_fault_at = time.time()
             return _error(500, f"{self.model}:{self.version}: injected fault")
         return None
 

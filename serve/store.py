@@ -156,6 +156,9 @@ def get_store(*, create: bool = True) -> Any:
         lifetime="detached",
         get_if_exists=True,
         num_cpus=0,
+        # On the head node, like Serve's controller: worker nodes (GPU groups) come and go, the routing table must not.
+        resources={"node:__internal_head__": 0.001},
+        scheduling_strategy="DEFAULT",
         max_concurrency=1000,
         max_restarts=-1,
     )

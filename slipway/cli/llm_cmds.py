@@ -41,4 +41,5 @@ def bootstrap(
     for name, path in res.datasets.items():
         typer.echo(f"dataset {name}: {path}{' (created)' if name in res.created_datasets else ''}")
     verb = "reused" if res.reused_model else "built"
-    typer.echo(f"{verb} {res.version} -> production at {res.artifact} ({res.seconds:.1f} s)")
+    where = "production" if res.production == res.version else f"production stays {res.production}"
+    typer.echo(f"{verb} {res.version} ({where}) at {res.artifact} ({res.seconds:.1f} s)")

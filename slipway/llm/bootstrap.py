@@ -1,7 +1,8 @@
 """``slipway bootstrap``: the demo datasets and the ``tiny-base`` model, made offline, deterministically.
 
 Idempotent: datasets that exist are kept, and a ``tiny-base`` version built from the same recipe (seed, shape,
-pre-training steps) is reused — ``production`` is pointed at it if it is not already.
+pre-training steps) is reused. ``production`` is pointed at the base only when it points nowhere: a version
+promoted since stays in production (running the demo again must not undo its promotion).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class BootstrapResult:
     datasets: dict[str, str] = field(default_factory=dict)  # name -> path
     created_datasets: list[str] = field(default_factory=list)
     version: str = ""
+    production: str = ""  # where tiny-base@production points afterwards (a promoted version stays)
     reused_model: bool = False
     artifact: str = ""
     seconds: float = 0.0
@@ -100,7 +102,7 @@ def bootstrap(
     with reg.session(actor=actor) as s:
         existing = catalog.find_by_fingerprint(s, BASE_MODEL, fp)
         if existing is not None:
-            _point_alias(s, existing.version)
+            out.production = _point_alias(s, existing.version)
             out.version, out.reused_model = existing.ref, True
             out.artifact = next((a.uri for a in existing.artifacts if a.kind == "model"), "")
             out.seconds = time.perf_counter() - start
@@ -137,16 +139,20 @@ def bootstrap(
             description="pre-trained on generated text (slipway bootstrap)",
             artifacts=[catalog.ArtifactSpec("model", ref.uri, ref.sha256, ref.size)],
         )
-        _point_alias(s, mv.version)
+        out.production = _point_alias(s, mv.version)
         out.version = mv.ref
     out.artifact = ref.uri
     out.seconds = time.perf_counter() - start
     return out
 
 
-def _point_alias(s: Any, version: int) -> None:
+def _point_alias(s: Any, version: int) -> str:
+    """``production`` starts at the base; once it points anywhere (a promotion moved it), bootstrap leaves it.
+    Returns the version it points to."""
     from slipway.registry import catalog
 
     current = catalog.find_alias(s, BASE_MODEL, ALIAS)
-    if current is None or current.version.version != version:
+    if current is None:
         catalog.set_alias(s, model=BASE_MODEL, alias=ALIAS, version=version)
+        return f"{BASE_MODEL}:{version}"
+    return current.version.ref

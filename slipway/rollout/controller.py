@@ -48,6 +48,9 @@ class RolloutResult:
     candidate: str
     champion: str
     rollback_at: float | None = None  # seconds since start when the canary's weight went to 0
+    # Wall-clock time (epoch seconds) the canary's weight went to 0: when a gateway's breaker tripped, else
+    # when the controller set it. Comparable with a fault's onset measured elsewhere on the same clock.
+    weight_zero_at: float | None = None
 
 
 class Controller:
@@ -156,9 +159,6 @@ class Controller:
                     log.exception("rollback after a failure failed; run `slipway reconcile`")
             raise
 
-    def _tripped(self) -> bool:
-        return bool(self.control.breaker_tripped(self.model, self.candidate))
-
     def _window(self) -> Verdict:
         m = self.control.metrics(self.model, seconds=self.plan.analysis.window_s)
         quality = self.quality_probe(self) if self.quality_probe is not None else None
@@ -166,8 +166,10 @@ class Controller:
 
     def _tick(self) -> RolloutResult | None:
         """One analysis interval: breaker first, then the window's verdict."""
-        if self._tripped():
-            return self._rollback(f"breaker: {self.plan.breaker.consecutive_errors} consecutive canary errors", None)
+        trip = self.control.breaker_tripped(self.model, self.candidate)
+        if trip:
+            reason = f"breaker: {self.plan.breaker.consecutive_errors} consecutive canary errors"
+            return self._rollback(reason, None, zeroed_at=trip.get("at") if isinstance(trip, dict) else None)
         verdict = self._window()
         if verdict.status == "fail":
             self.failures += 1
@@ -213,9 +215,10 @@ class Controller:
         m = self.control.metrics(self.model, seconds=self.plan.deadline_s)
         return int((m.get(str(self.candidate)) or {}).get("requests", 0))
 
-    def _rollback(self, reason: str, verdict: Verdict | None) -> RolloutResult:
+    def _rollback(self, reason: str, verdict: Verdict | None, *, zeroed_at: float | None = None) -> RolloutResult:
         """Weight 0 at once, then drain and remove the candidate, mark it rejected with the evidence."""
         self.weight, self.mirror = 0.0, 0.0
+        wall = time.time()
         self.control.set_weights(
             self.model,
             {self.champion: 1.0},
@@ -243,4 +246,5 @@ class Controller:
             f"{self.model}:{self.candidate}",
             f"{self.model}:{self.champion}",
             rollback_at=at,
+            weight_zero_at=zeroed_at or wall,
         )

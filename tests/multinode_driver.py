@@ -1,0 +1,136 @@
+"""Driver of the multi-node test (tests/test_multinode.py), run as its own process against a two-node Ray cluster
+(``RAY_ADDRESS``). Prints one JSON line on stdout.
+
+    python -m tests.multinode_driver deploy HTTP_PORT METRICS_URL [METRICS_URL ...]
+    python -m tests.multinode_driver recover HTTP_PORT OLD_NODE_ID
+
+``deploy`` starts Serve (proxy on the head only: both nodes share this machine's ports), the gateway (JWT auth,
+a CostBudget) and ``echo`` v1 with two replicas at ``num_gpus: 0.5``; answers requests (plain and streamed)
+through the gateway; reports the replicas' nodes and GPU ids and every metric name the nodes' metrics agents
+export. ``recover`` waits until both replicas run again on a node other than ``OLD_NODE_ID`` and answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import httpx
+
+JWT_SECRET = "multinode-test-secret-32-bytes-long!"
+BUDGET = {
+    "apiVersion": "slipway/v1",
+    "kind": "CostBudget",
+    "name": "multinode",
+    "pricing": {"tokens": [{"model": "echo", "prompt_per_1k": 1.0, "completion_per_1k": 1.0}]},
+    "budgets": [{"name": "echo-daily", "model": "echo", "window": "day", "hard": 1000}],
+}
+
+
+def _token() -> str:
+    import jwt
+
+    return jwt.encode({"sub": "multinode", "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
+
+
+def _replicas(timeout_s: float) -> list[dict[str, Any]]:
+    """``info()`` of each replica of echo v1 (a handle call reaches one replica: call until both answered)."""
+    from ray import serve
+
+    from slipway.serve.model_server import DEPLOYMENT_NAME, app_name
+
+    h = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name("echo", 1))
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < 2 and time.monotonic() < deadline:
+        try:
+            info = h.info.remote().result(timeout_s=10)
+            seen[info["replica"]] = info
+        except Exception:
+            time.sleep(0.5)
+    return list(seen.values())
+
+
+def _ask(port: int, n: int) -> list[int]:
+    h = {"Authorization": f"Bearer {_token()}"}
+    codes = []
+    with httpx.Client(timeout=30) as c:
+        for i in range(n):
+            body = {"model": "echo", "prompt": f"hello node {i}", "max_tokens": 4, "stream": i % 2 == 1}
+            r = c.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=h)
+            codes.append(r.status_code)
+    return codes
+
+
+def _metric_names(urls: list[str]) -> list[str]:
+    names: set[str] = set()
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        names |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    return sorted(names)
+
+
+def deploy(port: int, metrics_urls: list[str]) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from slipway.policies.serving import ServingConfig
+    from slipway.serve import control
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    control.deploy_gateway({"jwt_secret": JWT_SECRET, "budget": BUDGET, "metrics_push_s": 0.25})
+    cfg = ServingConfig.for_model(
+        "echo",
+        backend="echo",
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0.1, "num_gpus": 0.5},
+        max_batch_size=8,
+        batch_wait_timeout_s=0.005,
+    )
+    control.deploy_version("echo", 1, config=cfg)
+    codes = _ask(port, 20)
+    replicas = _replicas(60)
+    # Ray's metrics agents export application metrics every few seconds: wait for every name the test needs.
+    wanted = {"ray_slipway_requests_total", "ray_slipway_ttft_ms_bucket", "ray_slipway_spend_usd_total"}
+    deadline = time.monotonic() + 60
+    names = _metric_names(metrics_urls)
+    while not wanted <= set(names) and time.monotonic() < deadline:
+        time.sleep(2)
+        _ask(port, 2)
+        names = _metric_names(metrics_urls)
+    nodes = {n["NodeID"]: {"gpus": n["Resources"].get("GPU", 0), "alive": n["Alive"]} for n in ray.nodes()}
+    return {"codes": codes, "replicas": replicas, "metric_names": names, "nodes": nodes}
+
+
+def recover(port: int, old_node: str, timeout_s: float = 150) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    replicas: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        replicas = _replicas(20)
+        if len(replicas) == 2 and all(r["node_id"] != old_node for r in replicas):
+            break
+        time.sleep(1)
+    codes = _ask(port, 6)
+    return {"codes": codes, "replicas": replicas, "seconds": round(timeout_s - (deadline - time.monotonic()), 1)}
+
+
+def main(argv: list[str]) -> int:
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], namespace="slipway", log_to_driver=False)
+    phase, port = argv[0], int(argv[1])
+    out = deploy(port, argv[2:]) if phase == "deploy" else recover(port, argv[2])
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
