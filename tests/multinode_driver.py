@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -74,7 +75,8 @@ def _metric_names(urls: list[str]) -> list[str]:
                 text = r.read().decode()
         except OSError:
             continue
-        names |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+        # sample names: counters as NAME_total, histograms as NAME_bucket / NAME_sum / NAME_count
+        names |= {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and line[0] != "#"}
     return sorted(names)
 
 
@@ -97,9 +99,20 @@ def deploy(port: int, metrics_urls: list[str]) -> dict[str, Any]:
     )
     control.deploy_version("echo", 1, config=cfg)
     codes = _ask(port, 20)
+    # A broken v2 (no GPU) beside it for a moment, so the error counter is exported too.
+    from slipway.policies.serving import FaultInjection
+
+    broken = ServingConfig.for_model(
+        "echo", backend="echo", ray_actor_options={"num_cpus": 0.1}, fault_injection=FaultInjection(error_rate=1.0)
+    )
+    control.deploy_version("echo", 2, config=broken)
+    control.set_weights("echo", {1: 0.5, 2: 0.5}, reason="multinode test: errors for the error counter")
+    failed = _ask(port, 10)
+    control.set_weights("echo", {1: 1.0}, reason="multinode test: back")
+    control.remove_version("echo", 2, drain_timeout_s=1)
     replicas = _replicas(60)
     # Ray's metrics agents export application metrics every few seconds: wait for every name the test needs.
-    wanted = {"ray_slipway_requests_total", "ray_slipway_ttft_ms_bucket", "ray_slipway_spend_usd_total"}
+    wanted = {"ray_slipway_requests_total", "ray_slipway_errors_total", "ray_slipway_spend_usd_total"}
     deadline = time.monotonic() + 60
     names = _metric_names(metrics_urls)
     while not wanted <= set(names) and time.monotonic() < deadline:
@@ -107,7 +120,7 @@ def deploy(port: int, metrics_urls: list[str]) -> dict[str, Any]:
         _ask(port, 2)
         names = _metric_names(metrics_urls)
     nodes = {n["NodeID"]: {"gpus": n["Resources"].get("GPU", 0), "alive": n["Alive"]} for n in ray.nodes()}
-    return {"codes": codes, "replicas": replicas, "metric_names": names, "nodes": nodes}
+    return {"codes": codes, "failed": failed, "replicas": replicas, "metric_names": names, "nodes": nodes}
 
 
 def recover(port: int, old_node: str, timeout_s: float = 150) -> dict[str, Any]:
@@ -122,10 +135,23 @@ def recover(port: int, old_node: str, timeout_s: float = 150) -> dict[str, Any]:
     return {"codes": codes, "replicas": replicas, "seconds": round(timeout_s - (deadline - time.monotonic()), 1)}
 
 
+def _wait_for_gpu_node(timeout_s: float = 120) -> None:
+    """Until the cluster counts a live node with GPUs (a node that just started may not be registered yet)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(n["Alive"] and n["Resources"].get("GPU", 0) > 0 for n in ray.nodes()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError("no live GPU node joined the cluster")
+
+
 def main(argv: list[str]) -> int:
     import ray
 
     ray.init(address=os.environ["RAY_ADDRESS"], namespace="slipway", log_to_driver=False)
+    _wait_for_gpu_node()
     phase, port = argv[0], int(argv[1])
     out = deploy(port, argv[2:]) if phase == "deploy" else recover(port, argv[2])
     print(json.dumps(out), flush=True)

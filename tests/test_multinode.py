@@ -84,6 +84,7 @@ def cluster(tmp_path: Path) -> Iterator[dict]:
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",  # a cluster of its own on loopback; no token to share between processes
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "RAY_ADDRESS": f"127.0.0.1:{gcs}",
@@ -93,7 +94,6 @@ def cluster(tmp_path: Path) -> Iterator[dict]:
         [
             "--head",
             f"--port={gcs}",
-            "--node-ip-address=127.0.0.1",
             "--include-dashboard=false",
             f"--temp-dir={temp_dir}",
             *_node_args(gpus=0, cpus=1, metrics_port=head_metrics),
@@ -107,7 +107,6 @@ def cluster(tmp_path: Path) -> Iterator[dict]:
         node = Node(
             [
                 f"--address=127.0.0.1:{gcs}",
-                "--node-ip-address=127.0.0.1",
                 *_node_args(gpus=2, cpus=2, metrics_port=worker_metrics),
             ],
             env,
@@ -117,7 +116,7 @@ def cluster(tmp_path: Path) -> Iterator[dict]:
         return node
 
     try:
-        _wait_nodes(env, 1, tmp_path / "head.log")
+        _wait_started(tmp_path / "head.log")
         yield {
             "env": env,
             "http": http,
@@ -131,15 +130,14 @@ def cluster(tmp_path: Path) -> Iterator[dict]:
             node.stop()
 
 
-def _wait_nodes(env: dict[str, str], n: int, log: Path, timeout_s: float = 120) -> None:
-    """Until the cluster has ``n`` live nodes (``ray status`` through the GCS)."""
+def _wait_started(log: Path, timeout_s: float = 120) -> None:
+    """Until ``ray start`` says its node runs (the driver then waits for the cluster to count it)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        r = subprocess.run([RAY, "status", f"--address={env['RAY_ADDRESS']}"], env=env, capture_output=True, text=True)
-        if r.returncode == 0 and len(re.findall(r"^ \d+ node_", r.stdout, re.M)) >= n:
+        if "Ray runtime started" in log.read_text():
             return
-        time.sleep(1)
-    raise AssertionError(f"cluster did not reach {n} nodes:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+    raise AssertionError(f"ray start did not come up:\n{log.read_text()[-3000:]}")
 
 
 def _driver(env: dict[str, str], *args: str, timeout: float = 300) -> dict:
@@ -160,10 +158,11 @@ def _driver(env: dict[str, str], *args: str, timeout: float = 300) -> dict:
 def test_gpu_replicas_land_on_the_gpu_node_and_come_back_after_it_is_replaced(cluster) -> None:
     env = cluster["env"]
     cluster["worker"]("worker-1")
-    _wait_nodes(env, 2, cluster["tmp"] / "worker-1.log")
+    _wait_started(cluster["tmp"] / "worker-1.log")
     urls = [f"http://127.0.0.1:{p}/metrics" for p in cluster["metrics"]]
     first = _driver(env, "deploy", str(cluster["http"]), *urls)
     assert first["codes"] == [200] * 20, first["codes"]
+    assert 500 in first["failed"], first["failed"]  # the broken v2 answered some: errors are exported too
     gpu_nodes = [nid for nid, n in first["nodes"].items() if n["gpus"] == 2 and n["alive"]]
     assert len(gpu_nodes) == 1 and len(first["nodes"]) == 2, first["nodes"]
     replicas = first["replicas"]
@@ -176,13 +175,13 @@ def test_gpu_replicas_land_on_the_gpu_node_and_come_back_after_it_is_replaced(cl
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     used = set(re.findall(r"\b(ray_slipway_[a-z_]+)\{", exprs))
     exported = set(first["metric_names"])
-    assert used and used <= exported, sorted(used - exported)
+    assert used and used <= exported, (sorted(used - exported), [n for n in exported if "slipway" in n])
 
     # replace the GPU node: Serve reschedules the replicas onto the new one and the endpoint answers again
     start = time.monotonic()
     cluster["nodes"][1].stop()
     cluster["worker"]("worker-2")
-    _wait_nodes(env, 2, cluster["tmp"] / "worker-2.log")
+    _wait_started(cluster["tmp"] / "worker-2.log")
     second = _driver(env, "recover", str(cluster["http"]), gpu_nodes[0])
     print(f"replicas back on the new GPU node {time.monotonic() - start:.1f} s after the old one was stopped")
     assert len(second["replicas"]) == 2, second
