@@ -394,7 +394,10 @@ class Gateway:
         try:
             return await self._admit_principal(principal, body, text)
         except ServeError as e:
-            self._record(rid=rid, principal=principal, model=body.model[:200], version=None, status=e.status, t0=t0)
+            # A name the routing table does not know is recorded as "(unknown)": free-form client input must not
+            # become a metric label (unbounded series) or a usage row PostgreSQL may refuse (lone surrogates).
+            model = body.model if body.model in self.models.table else "(unknown)"
+            self._record(rid=rid, principal=principal, model=model, version=None, status=e.status, t0=t0)
             raise
 
     async def _admit_principal(self, principal: Principal, body: p._GenParams, text: str):
@@ -454,7 +457,8 @@ class Gateway:
         if hold is None or hold.done or self.budget is None:
             return
         cost = self.budget.estimate(model, prompt_tokens, completion_tokens)
-        self.m_spend.inc(cost, tags={"model": model, "version": version})
+        if cost > 0:  # Ray counters refuse increments of 0
+            self.m_spend.inc(cost, tags={"model": model, "version": version})
         try:
             await self.budget.asettle(hold, cost)
         except Exception:  # the answer is already on its way; an unsettled hold expires on its own

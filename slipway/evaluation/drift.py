@@ -50,6 +50,7 @@ def check(reg: Registry, run_id: int, suite: EvalSuite, bounds: Sequence[Any]) -
         prev = previous_run(s, run)
         if prev is None:
             return []
+        run.baseline_run_id = prev.id  # what this night was compared with, on record
         version = s.get(ModelVersion, run.version_id)
         prev_version = s.get(ModelVersion, prev.version_id)
         now_scores, prev_scores = evals.scores_by_example(s, run.id), evals.scores_by_example(s, prev.id)
