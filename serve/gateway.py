@@ -150,6 +150,13 @@ def _check(out: dict[str, Any]) -> dict[str, Any]:
     raise ServeError(err["message"])
 
 
+def _secret(value: str | None) -> str | None:
+    """``value``, or what its ``vault://`` reference (whole or ``${...}`` inside) resolves to."""
+    from slipway import secrets
+
+    return secrets.resolve(value) if value and secrets.is_reference(value) else value
+
+
 def _budget_guard(doc: dict[str, Any] | None, redis_url: str | None) -> BudgetGuard | None:
     from slipway.policies.costbudget import CostBudget
     from slipway.serve.budget import LocalLedger, RedisLedger
@@ -175,11 +182,12 @@ class Gateway:
         from slipway.serve.store import get_store
 
         self.settings = st = GatewaySettings.model_validate(settings or {})
-        # Secrets stay out of generated config files: the replica's environment supplies them.
-        st.database_url = st.database_url or os.environ.get("SLIPWAY_DATABASE_URL")
-        st.redis_url = st.redis_url or os.environ.get("SLIPWAY_REDIS_URL")
-        st.jwt_secret = st.jwt_secret or os.environ.get("SLIPWAY_JWT_SECRET")
-        st.jwt_public_key = st.jwt_public_key or os.environ.get("SLIPWAY_JWT_PUBLIC_KEY")
+        # Secrets stay out of generated config files: the replica's environment supplies them, as values or as
+        # vault:// references resolved here (never logged).
+        st.database_url = _secret(st.database_url or os.environ.get("SLIPWAY_DATABASE_URL"))
+        st.redis_url = _secret(st.redis_url or os.environ.get("SLIPWAY_REDIS_URL"))
+        st.jwt_secret = _secret(st.jwt_secret or os.environ.get("SLIPWAY_JWT_SECRET"))
+        st.jwt_public_key = _secret(st.jwt_public_key or os.environ.get("SLIPWAY_JWT_PUBLIC_KEY"))
         jwt = None
         if st.jwt_secret or st.jwt_public_key:
             jwt = JwtConfig(st.jwt_algorithm, st.jwt_secret, st.jwt_public_key, st.jwt_audience, st.jwt_issuer)

@@ -6,13 +6,17 @@ import functools
 from pathlib import Path
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from slipway.errors import ConfigError
+from slipway.secrets import VaultResolvingSettings
 
 
-class Settings(BaseSettings):
-    """Where slipway keeps its state. Everything defaults to an embedded setup under ``SLIPWAY_HOME``."""
+class Settings(VaultResolvingSettings):
+    """Where slipway keeps its state. Everything defaults to an embedded setup under ``SLIPWAY_HOME``.
+
+    Any value may hold a ``vault://MOUNT/PATH#KEY`` reference, whole or embedded as ``${vault://...}`` (e.g. the
+    password in ``SLIPWAY_DATABASE_URL``); it is resolved through Vault (``SLIPWAY_VAULT_*``) when read."""
 
     model_config = SettingsConfigDict(env_prefix="SLIPWAY_", env_file=".env", extra="ignore")
 

@@ -60,7 +60,7 @@ def test_version_records_lineage_params_metrics_and_artifacts(llm_env, clean_fin
         assert mv.metrics["train_loss"] < mv.metrics["first_loss"] and mv.metrics["steps"] == FT_WITH["max_steps"]
         assert mv.code_revision is None or len(mv.code_revision.split("+")[0]) == 40
         kinds = {a.kind: a for a in mv.artifacts}
-        assert set(kinds) == {"adapter", "loss_curve"}
+        assert set(kinds) == {"adapter", "loss_curve", "model_card"}  # the card is written at registration
         assert all(len(a.sha256) == 64 and a.size > 0 for a in mv.artifacts)
     from slipway.artifacts import open_store
 

@@ -124,6 +124,28 @@ def test_a_settings_class_resolves_references_in_every_field(kv, monkeypatch):
     assert JWT_KEY not in repr(st)
 
 
+def test_slipway_settings_resolve_the_registry_url_and_s3_credentials(kv, monkeypatch):
+    """The settings slipway itself reads — the registry URL, S3 credentials, the gateway's JWT key — take
+    references; the S3 client is built with the resolved keys."""
+    from slipway.artifacts.s3 import S3Settings, _client
+    from slipway.serve.gateway import _secret
+    from slipway.settings import Settings
+
+    kv.put("secret", "slipway/s3", {"id": "AKIAVAULTEXAMPLE", "key": "s3-secret-" + DB_PASSWORD})
+    SECRETS.append("s3-secret-" + DB_PASSWORD)
+    monkeypatch.setenv("SLIPWAY_DATABASE_URL", "postgresql://slipway:${vault://secret/slipway/db#password}@db/slipway")
+    monkeypatch.setenv("SLIPWAY_S3_ACCESS_KEY_ID", "vault://secret/slipway/s3#id")
+    monkeypatch.setenv("SLIPWAY_S3_SECRET_ACCESS_KEY", "vault://secret/slipway/s3#key")
+    assert Settings().resolved_database_url == f"postgresql://slipway:{DB_PASSWORD}@db/slipway"
+    st = S3Settings()
+    assert st.secret_access_key.get_secret_value() == "s3-secret-" + DB_PASSWORD
+    assert DB_PASSWORD not in repr(st)
+    creds = _client(st)._request_signer._credentials
+    assert (creds.access_key, creds.secret_key) == ("AKIAVAULTEXAMPLE", "s3-secret-" + DB_PASSWORD)
+    assert _secret("vault://secret/slipway/gateway#jwt_key") == JWT_KEY
+    assert _secret("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
 def test_transit_encrypts_and_decrypts(kv):
     c = VaultClient(VaultSettings(addr=kv.url, token=kv.state.root_token))
     ct = c.encrypt("prompts", DB_PASSWORD.encode())

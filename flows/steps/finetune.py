@@ -229,7 +229,10 @@ def finetune(ctx: StepContext, inp: FinetuneInput) -> FinetuneOutput:
             ],
         )
         ref, number = mv.ref, mv.version
-    ctx.logger.info("registered %s (%s at %s)", ref, result.kind, weights.uri)
+    from slipway.modelcard import write_model_card
+
+    card = write_model_card(ctx.registry, ref, store=store)  # lineage, params, metrics; evals join it later
+    ctx.logger.info("registered %s (%s at %s; model card %s)", ref, result.kind, weights.uri, card.uri)
     return FinetuneOutput(
         version=ref,
         model=model,

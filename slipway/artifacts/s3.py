@@ -1,8 +1,9 @@
 """``s3://`` artifacts through boto3: SSE-KMS on every object, multipart transfers for large files, retries.
 
-Credentials come from the standard AWS chain (environment, profile, instance role). The sha256 of each object
-is stored in its metadata (``x-amz-meta-sha256``) when written and checked after every download; a directory
-is pinned by its manifest's sha256, which the registry records.
+Credentials come from the standard AWS chain (environment, profile, instance role), or from
+``SLIPWAY_S3_ACCESS_KEY_ID`` / ``SLIPWAY_S3_SECRET_ACCESS_KEY``, which may be ``vault://`` references.
+The sha256 of each object is stored in its metadata (``x-amz-meta-sha256``) when written and checked after
+every download; a directory is pinned by its manifest's sha256, which the registry records.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 from slipway.artifacts.base import ArtifactError, ArtifactNotFound, ArtifactStore
+from slipway.secrets import VaultResolvingSettings
 
 _MB = 1024 * 1024
 
 
-class S3Settings(BaseSettings):
-    """How slipway reaches S3 (env prefix ``SLIPWAY_S3_``); credentials come from the AWS chain."""
+class S3Settings(VaultResolvingSettings):
+    """How slipway reaches S3 (env prefix ``SLIPWAY_S3_``); credentials from the AWS chain unless given here
+    (values may be ``vault://`` references)."""
 
     model_config = SettingsConfigDict(env_prefix="SLIPWAY_S3_", env_file=".env", extra="ignore")
 
@@ -33,6 +36,13 @@ class S3Settings(BaseSettings):
     multipart_chunk_mb: int = Field(default=16, ge=5, description="Part size of multipart transfers. Default 16.")
     max_concurrency: int = Field(default=4, ge=1, le=64, description="Parallel parts per transfer. Default 4.")
     max_attempts: int = Field(default=5, ge=1, le=20, description="Attempts per request (standard retries). Default 5.")
+    access_key_id: str | None = Field(
+        default=None, description="Access key id (or a vault:// reference). Default: the AWS credential chain."
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None, description="Secret access key (or a vault:// reference). Default: the AWS credential chain."
+    )
+    session_token: SecretStr | None = Field(default=None, description="Session token, with the two above. No default.")
 
 
 class S3Store(ArtifactStore):
@@ -113,13 +123,22 @@ def _is_missing(e: Exception) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_client(endpoint_url: str | None, region: str, max_attempts: int) -> Any:
+def _cached_client(
+    endpoint_url: str | None, region: str, max_attempts: int, credentials: tuple[str, str, str | None] | None
+) -> Any:
     import boto3
     from botocore.config import Config
 
     cfg = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, signature_version="s3v4")
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
+    keys: dict[str, Any] = {}
+    if credentials is not None:
+        keys = dict(zip(("aws_access_key_id", "aws_secret_access_key", "aws_session_token"), credentials, strict=True))
+    return boto3.session.Session(**keys).client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
 
 
 def _client(s: S3Settings) -> Any:
-    return _cached_client(s.endpoint_url, s.region, s.max_attempts)
+    creds = None
+    if s.access_key_id and s.secret_access_key:
+        token = s.session_token.get_secret_value() if s.session_token else None
+        creds = (s.access_key_id, s.secret_access_key.get_secret_value(), token)
+    return _cached_client(s.endpoint_url, s.region, s.max_attempts, creds)

@@ -141,6 +141,9 @@ def bootstrap(
         )
         out.production = _point_alias(s, mv.version)
         out.version = mv.ref
+    from slipway.modelcard import write_model_card
+
+    write_model_card(reg, out.version, intended_use="Demo base model: a stand-in for a hub model, built offline.")
     out.artifact = ref.uri
     out.seconds = time.perf_counter() - start
     return out
