@@ -56,15 +56,20 @@ def deploy_gateway(
     num_replicas: int = 1,
     num_cpus: float = 0.1,
     route_prefix: str = "/",
+    env: dict[str, str] | None = None,
 ) -> None:
-    """Deploy (or update) the gateway application. Updating restarts the gateway: do it rarely."""
+    """Deploy (or update) the gateway application. Updating restarts the gateway: do it rarely. ``env`` is added
+    to its replicas' environment (where secrets and Vault access belong, never in ``settings``)."""
     from ray import serve
 
     from slipway.serve.gateway import GATEWAY_APP, Gateway, GatewaySettings
 
     st = settings if isinstance(settings, GatewaySettings) else GatewaySettings.model_validate(settings or {})
     _store()  # exists before any replica polls it
-    app = Gateway.options(num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}).bind(st.model_dump())
+    actor: dict[str, Any] = {"num_cpus": num_cpus}
+    if env:
+        actor["runtime_env"] = {"env_vars": dict(env)}
+    app = Gateway.options(num_replicas=num_replicas, ray_actor_options=actor).bind(st.model_dump())
     serve.run(app, name=GATEWAY_APP, route_prefix=route_prefix)
 
 

@@ -69,6 +69,13 @@ class GatewaySettings(BaseModel):
         "its key, team and model before it runs and settles the real cost after; at a hard limit the key gets 429 "
         "insufficient_quota. Counters live in Redis when redis_url is set (shared by every replica). Default none.",
     )
+    prompt_log: dict[str, Any] | None = Field(
+        default=None,
+        description="Opt-in prompt/response logging (PromptLogSettings fields: models, encryption, transit_key, "
+        "kms_key_id, batch_size): exchanges with the listed models are PII-redacted, encrypted (Vault transit or a "
+        "KMS data key; access from the replica's environment) and stored in the artifact store. Default off.",
+    )
+    prompt_log_flush_s: float = Field(default=30.0, gt=0.0, description="Partial batches are stored this often.")
     routes: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Versions to put in the weight store when it knows none of a model (config-file deploys): "
@@ -157,6 +164,14 @@ def _secret(value: str | None) -> str | None:
     return secrets.resolve(value) if value and secrets.is_reference(value) else value
 
 
+def _prompt_logger(doc: dict[str, Any] | None) -> Any:
+    from slipway.promptlog import PromptLogger, PromptLogSettings
+
+    if not doc or not doc.get("models"):
+        return None
+    return PromptLogger.from_settings(PromptLogSettings.model_validate(doc))
+
+
 def _budget_guard(doc: dict[str, Any] | None, redis_url: str | None) -> BudgetGuard | None:
     from slipway.policies.costbudget import CostBudget
     from slipway.serve.budget import LocalLedger, RedisLedger
@@ -196,6 +211,7 @@ class Gateway:
         self.cache = ResponseCache(st.redis_url) if st.redis_url else None
         self.usage = UsageWriter(st.database_url, interval_s=st.usage_interval_s)
         self.budget = _budget_guard(st.budget, st.redis_url)
+        self.promptlog = _prompt_logger(st.prompt_log)
         self.usage.start()
         self.models = _Models()
         self.store = get_store()
@@ -233,6 +249,8 @@ class Gateway:
         self._apply(rev, table)
         loop = asyncio.get_running_loop()
         self._bg = [loop.create_task(self._follow_weights()), loop.create_task(self._push_metrics())]
+        if self.promptlog is not None:
+            self._bg.append(loop.create_task(self._flush_prompt_logs()))
 
     async def _seed(self, table: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Routes of a config-file deploy go into the store unless it already knows the model (the control
@@ -293,9 +311,38 @@ class Gateway:
         inflight = {m: dict(vs) for m, vs in self.inflight.items()}
         await self.store.push.remote(self.replica, rows, inflight)
 
+    async def _flush_prompt_logs(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.prompt_log_flush_s)
+            try:
+                await asyncio.to_thread(self.promptlog.flush)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("storing prompt logs failed; they stay buffered")
+
+    def _log_exchange(self, rid: str, principal: Principal, model: str, version: str, prompt: Any, text: str) -> None:
+        """Hand an answered exchange of an opted-in model to the prompt logger, off the event loop."""
+        if self.promptlog is None or not self.promptlog.enabled(model):
+            return
+        self._spawn(
+            asyncio.to_thread(
+                self.promptlog.log,
+                model=model,
+                version=int(version),
+                request_id=rid,
+                prompt=prompt,
+                response=text,
+                key=principal.key_name or principal.subject,
+            )
+        )
+
     async def __del__(self) -> None:
         for t in self._bg:
             t.cancel()
+        if self.promptlog is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.promptlog.flush)
         await self.usage.close()
         with contextlib.suppress(Exception):
             await self._push_once()
@@ -523,6 +570,9 @@ class Gateway:
             self.inflight[model][version] -= 1
         await self._settle(hold, model, version, out.get("prompt_tokens", 0), out.get("completion_tokens", 0))
         self._record(rid=rid, principal=principal, model=model, version=version, status=200, t0=t0, out=out)
+        self._log_exchange(
+            rid, principal, model, version, payload_in.get("prompt") or payload_in.get("messages"), out["text"]
+        )
         for v in shadow_targets(entry["versions"], version, self.rng):
             self._spawn(self._shadow(entry, model, v, payload, cfg.request_timeout_s))
         if cache_key is not None:
@@ -600,7 +650,7 @@ class Gateway:
             return f"data: {json.dumps(data)}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            status, final, streamed = 200, None, 0
+            status, final, streamed, pieces = 200, None, 0, []
             try:
                 if chat:
                     yield chunk(None, None, role=True)
@@ -611,6 +661,7 @@ class Gateway:
                         break
                     yield chunk(item["delta"], None)
                     streamed += 1
+                    pieces.append(item["delta"])
                     item = await asyncio.wait_for(gen.__anext__(), max(0.001, deadline - time.perf_counter()))
                 yield chunk(None if chat else "", final["finish_reason"])
                 if include_usage:
@@ -624,6 +675,8 @@ class Gateway:
                     }
                     yield f"data: {json.dumps(u)}\n\n"
                 yield "data: [DONE]\n\n"
+                prompt = payload.get("prompt") or payload.get("messages")
+                self._log_exchange(rid, principal, model, version, prompt, "".join(pieces))
             except (TimeoutError, StopAsyncIteration):
                 status = 504
                 err = UpstreamTimeout("stream ended early or timed out").body()

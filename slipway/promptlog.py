@@ -170,10 +170,13 @@ class PromptLogger:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, *, store: ArtifactStore | None = None) -> PromptLogger:
+    def from_settings(
+        cls, settings: PromptLogSettings | None = None, *, store: ArtifactStore | None = None
+    ) -> PromptLogger:
+        """A logger from ``settings`` (default ``SLIPWAY_PROMPTLOG_*``); Vault or KMS access from the environment."""
         from slipway.artifacts import open_store
 
-        st = PromptLogSettings()
+        st = settings or PromptLogSettings()
         if st.encryption == "kms":
             if not st.kms_key_id:
                 raise PromptLogError("SLIPWAY_PROMPTLOG_KMS_KEY_ID is required with encryption=kms")

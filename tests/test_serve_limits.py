@@ -196,3 +196,41 @@ def test_budget_hard_limit_holds_under_32_concurrent_streams_then_refuses_the_te
         time.sleep(0.2)
     assert statuses.count(200) == answered and statuses.count(429) == codes.count(429) + 1, statuses
     assert all(r.completion_tokens == 0 for r in rows if r.status == 429)
+
+
+def test_opted_in_model_exchanges_are_logged_redacted_and_encrypted(stack, prompt_log_vault):
+    """The gateway logs exchanges with ``tiny`` (opted in): the stored object holds only Vault-transit ciphertext,
+    and decrypted, the prompt has its email and card number redacted; ``echo`` (not opted in) is not logged."""
+    from slipway import promptlog
+    from slipway.artifacts import open_store
+    from slipway.promptlog import TransitEncryptor
+    from slipway.secrets import VaultClient, VaultSettings
+    from tests.plugins.serving import PROMPT_LOG_KEY
+
+    client = stack.client(stack.key())
+    pii = "mail ana.lopez@example.org card 4111 1111 1111 1111"
+    r = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": pii}], max_tokens=4)
+    client.completions.create(model=ECHO, prompt=pii, max_tokens=2)
+    rid = r.id.split("-", 1)[1]
+    store = open_store(prompt_log_vault.artifact_root)
+    enc = TransitEncryptor(
+        VaultClient(VaultSettings(addr=prompt_log_vault.url, token=prompt_log_vault.state.root_token)), PROMPT_LOG_KEY
+    )
+    found, deadline = None, time.monotonic() + 15
+    while found is None and time.monotonic() < deadline:
+        for key in store.list("prompt-logs"):
+            records = promptlog.read(store, key, enc)
+            found = next(((key, rec) for rec in records if rec["request_id"] == rid), None) or found
+        time.sleep(0.3)
+    assert found is not None, store.list("prompt-logs")
+    key, rec = found
+    assert key.startswith(f"prompt-logs/{TINY}/")
+    assert rec["prompt"] == [{"role": "user", "content": "mail [EMAIL] card [CARD]"}]
+    assert rec["response"] == r.choices[0].message.content and rec["model"] == TINY and rec["version"] == 1
+    raw = store.read_bytes(key).decode()
+    assert (
+        "example.org" not in raw
+        and "4111" not in raw
+        and json.loads(raw)["envelope"]["ciphertext"].startswith("vault:v1:")
+    )
+    assert not any(k.startswith(f"prompt-logs/{ECHO}/") for k in store.list("prompt-logs"))

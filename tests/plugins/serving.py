@@ -22,6 +22,7 @@ TINY = "tiny"
 ECHO = "echo"
 # The gateway's budgets: only keys of this team count against the hard limit (other tests never hit it). The
 # echo model costs $0.01 a token; the budget's name is fresh per session so Redis holds no earlier spend.
+PROMPT_LOG_KEY = "prompt-logs"
 BUDGET_TEAM = "budget-drill"
 BUDGET_HARD = 2.0
 BUDGET_NAME = f"drill-{uuid.uuid4().hex[:8]}"
@@ -123,7 +124,17 @@ def serving_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
 
 
 @pytest.fixture(scope="session")
-def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path) -> Iterator[Stack]:
+def prompt_log_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Vault double (transit) for the gateway's prompt logs, and the artifact root they are stored under."""
+    from tests.plugins.vault_double import VaultDouble
+
+    with VaultDouble() as v:
+        v.artifact_root = (tmp_path_factory.mktemp("prompt-logs")).as_uri()
+        yield v
+
+
+@pytest.fixture(scope="session")
+def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path, prompt_log_vault: Any) -> Iterator[Stack]:
     """The gateway (two replicas, Redis when reachable) with ``tiny`` v1 (real model, two replicas at
     0.5 GPU each) and ``echo`` v1 + v2 live."""
     from slipway.policies.serving import ServingConfig
@@ -143,8 +154,17 @@ def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path) -> Iterat
             "key_cache_ttl_s": 0.5,
             "jwt_secret": "test-secret-for-jwt-hs256-32bytes!",
             "budget": BUDGET,
+            # exchanges with TINY are logged: redacted, sealed by the Vault double's transit, stored as files
+            "prompt_log": {"models": [TINY], "encryption": "vault", "transit_key": PROMPT_LOG_KEY, "batch_size": 5},
+            "prompt_log_flush_s": 0.5,
         },
         num_replicas=2,
+        env={
+            "SLIPWAY_VAULT_ADDR": prompt_log_vault.url,
+            "SLIPWAY_VAULT_AUTH": "token",
+            "SLIPWAY_VAULT_TOKEN": prompt_log_vault.state.root_token,
+            "SLIPWAY_ARTIFACT_ROOT": prompt_log_vault.artifact_root,
+        },
     )
     tiny_cfg = ServingConfig.for_model(
         TINY,
