@@ -190,8 +190,18 @@ def _resume(flow_run_id: str, approval_id: int) -> None:
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import resume_flow_run
 
+    # The step records itself paused just before it asks Prefect to pause: an approval given in that instant
+    # finds the run not paused yet, so wait for the pause a little before giving up.
+    deadline = time.monotonic() + 15
     try:
-        resume_flow_run(uuid.UUID(flow_run_id), run_input={"approval_id": approval_id})
+        while True:
+            try:
+                resume_flow_run(uuid.UUID(flow_run_id), run_input={"approval_id": approval_id})
+                break
+            except Exception as e:
+                if type(e).__name__ != "NotPausedError" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     except FlowPauseTimeout as e:
         raise ApprovalError("the run stopped waiting (its approval timed out); nothing was recorded") from e
     except Exception as e:  # NotPausedError, API errors: the approval is rolled back

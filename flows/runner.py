@@ -27,7 +27,7 @@ from slipway.flows.compiler import Plan, PlannedStep, load_plan, resolve_params
 from slipway.flows.steptypes import StepContext
 from slipway.policies import expressions as ex
 from slipway.policies.loader import DocumentSet
-from slipway.registry import Registry, runs
+from slipway.registry import Registry, audit, runs
 from slipway.registry.models import RunStatus
 from slipway.registry.types import utcnow
 
@@ -201,10 +201,43 @@ class _Execution:
         failed = [n for n in self.plan.order if self.status.get(n) == RunStatus.FAILED]
         if failed:
             error = "; ".join(f"step {n!r} failed: {self._errors.get(n, '')}" for n in failed)
+            undone = self._compensate()
+            if undone:
+                error += "; undone: " + "; ".join(undone)
             self._finish(RunStatus.FAILED, error)
         else:
             self._finish(RunStatus.SUCCEEDED, None)
         return RunResult(self.run_id, RunStatus.FAILED if failed else RunStatus.SUCCEEDED, error, self.outputs)
+
+    def _compensate(self) -> list[str]:
+        """The run failed: undo the succeeded steps whose type can be undone, latest first (a saga's
+        compensations). An undo that fails is reported, and the others still run."""
+        done = []
+        for name in reversed(self.plan.order):
+            planned = self.plan.steps[name]
+            if self.status.get(name) != RunStatus.SUCCEEDED or planned.type.undo is None or name not in self.outputs:
+                continue
+            ctx = StepContext(
+                run_id=self.run_id,
+                step=name,
+                pipeline=self.plan.pipeline.name,
+                model=self.plan.pipeline.model,
+                params=dict(self.params),
+                registry=self.reg,
+                documents=self.docs,
+                actor=self.reg.actor or "unknown",
+                logger=self.logger,
+            )
+            try:
+                what = planned.type.undo(ctx, self.outputs[name])
+            except Exception as e:
+                what = f"undo failed: {_describe(e)}"
+                self.logger.exception("undoing step %s failed", name)
+            self.logger.warning("undid step %s after the run failed: %s", name, what)
+            with self.reg.session() as s:
+                audit.append(s, action="pipeline.undo", target=f"run:{self.run_id}", after={"step": name, "did": what})
+            done.append(f"{name}: {what}")
+        return done
 
     def _finish(self, status: RunStatus, error: str | None) -> None:
         with self.reg.session() as s:

@@ -51,6 +51,9 @@ class StepType:
     input_model: type[BaseModel]
     output_model: type[BaseModel]
     description: str
+    # Compensation: when a later step of the run fails, ``undo(ctx, outputs)`` reverses what this step did
+    # (e.g. a canary left at 100 % whose promotion failed); it returns what it did, in words.
+    undo: Callable[[StepContext, dict[str, Any]], str] | None = None
 
     @property
     def outputs(self) -> list[str]:
@@ -60,11 +63,17 @@ class StepType:
 STEP_TYPES: dict[str, StepType] = {}
 
 
-def step_type(name: str, *, description: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``func(ctx, inp: InputModel) -> OutputModel`` as the step type ``name``."""
+def step_type(
+    name: str,
+    *,
+    description: str | None = None,
+    undo: Callable[[StepContext, dict[str, Any]], str] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``func(ctx, inp: InputModel) -> OutputModel`` as the step type ``name``; ``undo`` compensates
+    a succeeded step when a later step of the same run fails."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        st = from_function(func, name=name, description=description)
+        st = dataclasses.replace(from_function(func, name=name, description=description), undo=undo)
         STEP_TYPES[name] = st
         return func
 

@@ -28,6 +28,12 @@ class RelativeBound(Strict):
     max_increase: float | None = Field(
         default=None, ge=0, description="Canary value <= champion value + max_increase (same window). Default none."
     )
+    max_decrease: float | None = Field(
+        default=None,
+        ge=0,
+        description="Canary value >= champion value - max_decrease (for quality, where higher is better). "
+        "Default none.",
+    )
 
 
 class AnalysisMetric(Strict):

@@ -32,6 +32,7 @@ def default_dir() -> str:
         return DEFAULT_DIR
     return str(Path(__file__).resolve().parent)
 
+
 YamlPath = tuple[str | int, ...]
 Check = Callable[["Loaded", "DocumentSet"], Iterable[tuple[YamlPath, str] | tuple[YamlPath, str, bool]]]
 # Checks that need more than one document's schema (a Pipeline's steps against the step types), by kind.

@@ -61,6 +61,13 @@ class FaultInjection(Strict):
     error_rate: float = Field(default=1.0, ge=0.0, le=1.0, description="Share of requests answered 500. Default 1.")
     extra_latency_ms: float = Field(default=0.0, ge=0.0, le=60_000, description="Added to every request. Default 0.")
     after_s: float = Field(default=0.0, ge=0.0, description="Start misbehaving this long after start-up. Default 0.")
+    wrong_answer_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of answers replaced by a wrong one, still with status 200 (a silent quality regression, "
+        "caught only by quality analysis). Default 0.",
+    )
 
 
 @register_kind

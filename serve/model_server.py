@@ -274,6 +274,10 @@ class ModelServer:
             return prepared
         req = {**req, "prompt": prepared[0], "n_prompt": prepared[1]}
         out = await self._batch(req)
+        f = self.cfg.fault_injection
+        started = f is not None and time.monotonic() - self.started >= f.after_s
+        if started and random.random() < f.wrong_answer_rate:  # chaos: a fluent-looking wrong answer, status 200
+            out = {**out, "text": out["text"][::-1]}
         return {**out, "version": self.version}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from slipway.flows.steptypes import StepContext
+from slipway.flows.steptypes import StepContext, step_type
 from slipway.policies.kinds import Strict
 
 
@@ -90,3 +90,26 @@ def busy(inp: BusyInput) -> BusyOutput:
     while time.monotonic() < end:
         time.sleep(0.05)
     return BusyOutput(done=True)
+
+
+# A registered step type with a compensation, for the runner's undo test.
+class ReserveInput(Strict):
+    ledger: str = Field(description="File the step appends to; its undo appends a release.")
+    item: str
+
+
+class ReserveOutput(Strict):
+    item: str
+
+
+def _release(ctx: StepContext, outputs: dict) -> str:
+    with open(ctx.params["ledger"], "a") as f:
+        f.write(f"release {outputs['item']}\n")
+    return f"released {outputs['item']}"
+
+
+@step_type("test_reserve", undo=_release)
+def reserve(ctx: StepContext, inp: ReserveInput) -> ReserveOutput:
+    with open(inp.ledger, "a") as f:
+        f.write(f"reserve {inp.item}\n")
+    return ReserveOutput(item=inp.item)

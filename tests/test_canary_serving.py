@@ -240,3 +240,69 @@ def test_kill_9_mid_canary_then_reconcile_restores_the_champion(stack, canary_mo
         assert leases.current(s, model="canary") is None
         live = {d.app_name for d in deployments.live_deployments(s, "canary")}
     assert f"canary-v{candidate}" not in live
+
+
+def test_a_candidate_whose_answers_turn_wrong_is_rolled_back_by_quality_analysis(stack, canary_model, tmp_path):
+    """No errors, no latency: the candidate answers 200 with wrong text. Only the online quality probe (an
+    EvalSuite's metric on a sample, candidate vs champion on the same examples) can see it — and does."""
+    import json
+
+    from slipway.policies.evalsuite import EvalSuite
+    from slipway.rollout.quality import QualityProbe
+    from slipway.serve import control
+
+    reg = canary_model
+    champion = _production(reg)
+    with reg.session() as s:
+        candidate = max(v.version for v in catalog.list_versions(s, "canary") if v.status == "registered")
+    data = tmp_path / "probe.jsonl"
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    data.write_text("".join(json.dumps({"id": w, "prompt": f"say {w}", "answer": w}) + "\n" for w in words))
+    suite = EvalSuite.model_validate(
+        {
+            "apiVersion": "slipway/v1",
+            "kind": "EvalSuite",
+            "name": "probe",
+            "dataset": str(data),
+            "reference_field": "answer",
+            "id_field": "id",
+            "generation": {"max_new_tokens": 4},
+            "metrics": [{"name": "contains"}],
+        }
+    )
+    quality = {
+        "name": "quality",
+        "suite": "probe",
+        "metric": "contains",
+        "sample": 4,
+        "thresholdRange": {"min": 0.5},
+        "relative": {"max_decrease": 0.2},
+    }
+    doc = {**PLAN, "analysis": {**PLAN["analysis"], "metrics": [*PLAN["analysis"]["metrics"], quality]}}
+    plan = CanaryPlan.model_validate(doc)
+    probe = QualityProbe(plan, {"probe": suite}, min_interval_s=0.5)
+    holder = promotion.holder_id(f"test-quality-{candidate}")
+    with reg.session() as s:
+        leases.acquire(s, model="canary", holder=holder)
+    ctl = Controller(
+        reg,
+        plan,
+        model="canary",
+        candidate=candidate,
+        champion=champion,
+        holder=holder,
+        control=control,
+        serving_config=_config(fault_injection={"error_rate": 0.0, "wrong_answer_rate": 1.0}),
+        quality_probe=probe,
+    )
+    with _traffic(stack) as traffic:
+        result = ctl.run()
+    with reg.session() as s:
+        leases.release(s, model="canary", holder=holder)
+    assert result.outcome == "rolled_back", result.reason
+    assert "quality 0 below min 0.5" in result.reason and "below champion 1 - 0.2" in result.reason, result.reason
+    assert traffic.failed() == []  # every client request succeeded: only quality analysis could catch it
+    assert probe.probes >= 2
+    with reg.session() as s:
+        assert catalog.get_version(s, "canary", candidate).status == "rejected"
+        assert catalog.get_alias(s, "canary", "production").version.version == champion

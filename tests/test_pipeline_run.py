@@ -152,6 +152,36 @@ def test_too_few_retries_fail_with_the_last_error(run_yaml, sqlite_registry, tmp
     assert (steps["shaky"].attempts, steps["shaky"].error) == (2, "RuntimeError: flaky failure 2 of 2")
 
 
+def test_a_later_failure_undoes_succeeded_steps_that_can_be_undone_latest_first(run_yaml, sqlite_registry, tmp_path):
+    """A saga's compensation: `canary` registers such an undo (back to the committed production at 100 %), so a
+    canary whose promotion fails does not stay at 100 %."""
+    import tests.pipeline_steps  # noqa: F401  registers step type test_reserve
+    from slipway.registry import audit
+
+    ledger = tmp_path / "ledger"
+    result = run_yaml(
+        """
+        apiVersion: slipway/v1
+        kind: Pipeline
+        name: saga
+        params: {ledger: {type: string}, counter: {type: string}}
+        steps:
+          first:  {uses: test_reserve, with: {ledger: "${{ params.ledger }}", item: a}}
+          second: {uses: test_reserve, needs: first, with: {ledger: "${{ params.ledger }}", item: b}}
+          boom:
+            uses: "python:tests.pipeline_steps:flaky"
+            needs: second
+            with: {counter: "${{ params.counter }}", failures: 5}
+        """,
+        {"ledger": str(ledger), "counter": str(tmp_path / "n")},
+    )
+    assert result.status == "failed"
+    assert ledger.read_text().splitlines() == ["reserve a", "reserve b", "release b", "release a"]
+    assert "undone: second: released b; first: released a" in result.error
+    with sqlite_registry.session() as s:
+        assert [e.after["step"] for e in audit.list_events(s, action="pipeline.undo")] == ["first", "second"]
+
+
 def test_timeout_fails_the_step(run_yaml, sqlite_registry):
     result = run_yaml(
         """

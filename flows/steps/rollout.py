@@ -58,7 +58,30 @@ def _serving_config(ctx: StepContext, name: str | None, model: str) -> Any:
     return found[0] if found else ServingConfig.for_model(model)
 
 
-@step_type("canary")
+def _quality_probe(ctx: StepContext, plan: Any) -> Any:
+    """Online evaluation for the plan's ``quality`` metrics (None when it has none)."""
+    from slipway.rollout.quality import QualityProbe
+
+    names = {str(m.suite) for m in plan.analysis.metrics if m.name == "quality"}
+    if not names:
+        return None
+    return QualityProbe(plan, {n: ctx.documents.get("EvalSuite", n) for n in names})
+
+
+def _undo_canary(ctx: StepContext, outputs: dict[str, Any]) -> str:
+    """A later step failed after the canary succeeded (say ``promote``): drive serving back to the last committed
+    state — ``production`` at 100 %, the unpromoted candidate drained and removed. A promoted candidate is the
+    committed state and stays."""
+    from slipway.rollout import promotion
+    from slipway.serve import control, local
+
+    model = str(outputs["candidate"]).split(":")[0]
+    local.connect(start=False)
+    rep = promotion.reconcile(ctx.registry, control, model=model)
+    return "; ".join(rep.actions) or f"{model} already at its committed state"
+
+
+@step_type("canary", undo=_undo_canary)
 def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
     """Roll the candidate out under a CanaryPlan; roll back automatically (the step fails) when it misbehaves."""
     from slipway.registry import catalog, leases
@@ -111,6 +134,7 @@ def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
             control=control,
             serving_config=cand_cfg,
             run_id=ctx.run_id,
+            quality_probe=_quality_probe(ctx, plan),
         ).run()
     except BaseException:
         _release(reg, model, holder)

@@ -51,9 +51,9 @@ def judge(
     failures: list[str] = []
     values: dict[str, Any] = {"requests": served}
     for m in analysis.metrics:
-        if m.name == "quality":
+        if m.name == "quality":  # online evaluation: the probe scored both versions on the same examples
             value = (quality or {}).get(m.metric or "")
-            base = None
+            base = (quality or {}).get(f"champion:{m.metric}")
         else:
             value = metric_value(canary, m.name)
             base = metric_value(champion, m.name)
@@ -79,4 +79,6 @@ def _check(m: AnalysisMetric, value: float, base: float | None) -> list[str]:
             out.append(f"{m.name} {value:.4g} above {rel.max_ratio:g} x champion {base:.4g}")
         if rel.max_increase is not None and value > base + rel.max_increase:
             out.append(f"{m.name} {value:.4g} above champion {base:.4g} + {rel.max_increase:g}")
+        if rel.max_decrease is not None and value < base - rel.max_decrease:
+            out.append(f"{m.name} {value:.4g} below champion {base:.4g} - {rel.max_decrease:g}")
     return out
