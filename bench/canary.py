@@ -38,23 +38,23 @@ class FaultWatch(threading.Thread):
 
     def __init__(self, app: str) -> None:
         super().__init__(daemon=True)
-        self.app, self.first_fault_at, self._stop = app, None, threading.Event()
+        self.app, self.first_fault_at, self._halt = app, None, threading.Event()
 
     def run(self) -> None:
         from ray import serve
 
         from slipway.serve.model_server import DEPLOYMENT_NAME
 
-        while not self._stop.is_set() and self.first_fault_at is None:
+        while not self._halt.is_set() and self.first_fault_at is None:
             try:
                 h = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=self.app)
                 self.first_fault_at = h.info.remote().result(timeout_s=2)["first_fault_at"]
             except Exception:
                 pass  # not deployed yet, or already removed
-            self._stop.wait(0.05)
+            self._halt.wait(0.05)
 
     def stop(self) -> float | None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
         return self.first_fault_at
 
