@@ -161,6 +161,33 @@ def run(
     return CheckReport(results, new, still, resolved, blocking)
 
 
+def demote(reg: Registry, report: CheckReport, control: Any = None) -> list[str]:
+    """Act on the report's *new* findings whose action is ``demote``: move that model's ``production`` back to
+    its previous version (serving included when ``control`` is given; registry only otherwise), once per model.
+    Returns one line per model: what was done, or why it could not be."""
+    from slipway.registry.models import ComplianceFinding, Model
+    from slipway.rollout import promotion
+
+    targets: dict[str, list[str]] = {}
+    with reg.session() as s:
+        for f in report.new:
+            if f["action"] != "demote":
+                continue
+            row = s.get(ComplianceFinding, f["id"])
+            name = s.get(Model, row.model_id).name if row is not None and row.model_id is not None else None
+            if name is not None:
+                targets.setdefault(name, []).append(f"{f['rule']}: {f['message']}")
+    lines = []
+    for model, why in targets.items():
+        reason = "compliance demote: " + "; ".join(why)
+        try:
+            out = promotion.rollback(reg, control, model=model, reason=reason[:500])
+            lines.append(f"{model}: production {out['previous']} -> {out['production']} ({reason})")
+        except Exception as e:  # no earlier version, a promotion in progress, ...: say so, others still act
+            lines.append(f"{model}: could not demote: {e}")
+    return lines
+
+
 def summary_lines(report: CheckReport) -> list[str]:
     """One line per new and resolved finding, for a notification."""
     lines = [f"NEW {f['severity']} [{f['action']}] {f['rule']} {f['subject']}: {f['message']}" for f in report.new]

@@ -274,3 +274,32 @@ def test_s3_artifacts_must_be_encrypted_with_sse_kms(sqlite_registry, store, s3)
     found = [f for f in run(sqlite_registry, store).new if f["rule"] == "sse-kms"]
     assert [(f["subject"], f["severity"], f["action"]) for f in found] == [(f"artifact:{plain}", "high", "notify")]
     assert found[0]["message"].startswith("artifact of demo:1 is not encrypted with SSE-KMS: models/demo/1/plain.bin")
+
+
+def test_a_demote_finding_moves_production_back_to_the_previous_version(sqlite_registry, store):
+    """`checksums` demotes: a promoted demo:2 whose weights no longer verify is taken off production, back to
+    demo:1 (registry only here: nothing serves), once; the next run finds it no longer in production."""
+    clean(sqlite_registry, store)
+    weights = store.put("models/demo/2/weights.bin", b"weights of demo v2")
+    with sqlite_registry.session() as s:
+        v2 = catalog.create_version(
+            s,
+            model="demo",
+            base=catalog.resolve(s, "base:1"),
+            dataset_digest="d" * 64,
+            artifacts=[catalog.ArtifactSpec("weights", weights.uri, weights.sha256, weights.size)],
+        )
+        evals.record_gate_decision(
+            s, version=v2, champion=None, policy="demo-gate", outcome="passed", reasons=[], eval_run_ids=[]
+        )
+        catalog.set_alias(s, model="demo", alias="production", version=2)
+    modelcard.write_model_card(sqlite_registry, "demo:2", store=store, intended_use="Tests.")
+    store.put("models/demo/2/weights.bin", b"weights of demo v2, altered")
+    report = run(sqlite_registry, store)
+    assert [(f["rule"], f["action"]) for f in report.new] == [("checksums", "demote")], report.as_json()
+    lines = compliance.demote(sqlite_registry, report)
+    assert len(lines) == 1 and lines[0].startswith("demo: production 2 -> 1 (compliance demote: checksums:")
+    with sqlite_registry.session() as s:
+        assert catalog.resolve(s, "demo@production").version == 1
+    again = run(sqlite_registry, store)
+    assert compliance.demote(sqlite_registry, again) == []  # nothing new: no second demotion

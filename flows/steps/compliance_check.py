@@ -26,6 +26,7 @@ class ComplianceOutput(Strict):
     still_open: int
     resolved: list[str] = Field(description="Findings this run no longer saw, one line each.")
     blocking: list[str] = Field(description="Open findings that block promotions, one line each.")
+    demoted: list[str] = Field(default_factory=list, description="Models moved off production by demote findings.")
     skipped: list[str] = Field(description="Rules that did not run, and why.")
 
 
@@ -36,7 +37,10 @@ def compliance_check(ctx: StepContext, inp: ComplianceInput) -> ComplianceOutput
 
     rules = ctx.documents.get("ComplianceRules", inp.rules)
     report = compliance.run(ctx.registry, rules, docs=ctx.documents, model=inp.model)
-    lines = compliance.summary_lines(report)
+    demoted = (
+        compliance.demote(ctx.registry, report, _serving()) if any(f["action"] == "demote" for f in report.new) else []
+    )
+    lines = compliance.summary_lines(report) + [f"demoted {d}" for d in demoted]
     if lines:
         from slipway.flows.steps.generic import NotifyInput, notify
         from slipway.secrets import resolve
@@ -53,4 +57,16 @@ def compliance_check(ctx: StepContext, inp: ComplianceInput) -> ComplianceOutput
         resolved=[f"{f['rule']} {f['subject']}" for f in report.resolved],
         blocking=blocking,
         skipped=[f"{r.rule}: {r.note}" for r in report.results if r.status in ("skipped", "error")],
+        demoted=demoted,
     )
+
+
+def _serving() -> object | None:
+    """The serving control plane when a Ray with slipway serving is reachable; else None (registry only)."""
+    try:
+        from slipway.serve import control, local
+
+        local.connect(start=False)
+        return control
+    except Exception:
+        return None
