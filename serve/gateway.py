@@ -271,6 +271,11 @@ class Gateway:
         while True:
             try:
                 rev, table = await self.store.wait.remote(self.models.rev, 30.0)
+                if rev < self.models.rev and not table and self.models.table:
+                    # The store was restarted empty: give it back the table this replica still routes by.
+                    log.warning("weight store restarted empty (revision %d < %d): restoring it", rev, self.models.rev)
+                    await self.store.restore.remote(self.models.rev, self.models.table)
+                    continue
                 if rev != self.models.rev:
                     self._apply(rev, table)
             except asyncio.CancelledError:

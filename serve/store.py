@@ -51,6 +51,16 @@ class WeightStore:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
         return self.snapshot()
 
+    def restore(self, rev: int, table: dict[str, Any]) -> int:
+        """A restarted store (Ray re-creates the actor empty) takes back the routing table a gateway replica still
+        holds; only a store that knows nothing yet accepts it, so the first replica to notice wins. The revision
+        continues past the replica's, so every replica sees a change."""
+        if self.models or not table:
+            return self.rev
+        self.models = copy.deepcopy(table)
+        self.rev = max(self.rev, rev)
+        return self._bump()
+
     def put_version(self, model: str, version: int, app: str, config: dict[str, Any]) -> int:
         """Add a live version with weight 0 (weight 1 when it is the model's only version)."""
         m = self.models.setdefault(model, {"config": config, "versions": {}})

@@ -194,3 +194,34 @@ def test_adding_and_removing_a_version_under_load_loses_no_request(stack):
             t.join()
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     assert "3" not in control.get_weights(ECHO)["weights"]
+
+
+def test_a_restarted_weight_store_is_restored_by_the_gateway_replicas(stack):
+    """Ray re-creates a killed weight store empty; the gateway replicas notice the revision going backwards and
+    give it back the table they route by: weights survive and requests keep being answered."""
+    import ray
+
+    from slipway.serve import control
+    from slipway.serve.store import get_store
+
+    before = {m: control.get_weights(m)["weights"] for m in (ECHO, TINY)}
+    ray.kill(get_store(create=False), no_restart=False)  # the actor restarts (max_restarts=-1) with no state
+    deadline, after = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        try:
+            after = {m: control.get_weights(m)["weights"] for m in (ECHO, TINY)}
+            break
+        except Exception:  # the new store is still empty, or still starting
+            time.sleep(0.2)
+    assert after == before
+    secret = stack.key()
+    codes = [
+        httpx.post(
+            f"{stack.base_url}/v1/completions",
+            json={"model": m, "prompt": "after the restart", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=30,
+        ).status_code
+        for m in (ECHO, TINY, ECHO, TINY)
+    ]
+    assert codes == [200] * 4
