@@ -254,7 +254,7 @@ def test_a_candidate_whose_answers_turn_wrong_is_rolled_back_by_quality_analysis
     reg = canary_model
     champion = _production(reg)
     with reg.session() as s:
-        candidate = max(v.version for v in catalog.list_versions(s, "canary") if v.status == "registered")
+        candidate = catalog.create_version(s, model="canary").version
     data = tmp_path / "probe.jsonl"
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
     data.write_text("".join(json.dumps({"id": w, "prompt": f"say {w}", "answer": w}) + "\n" for w in words))
@@ -306,3 +306,25 @@ def test_a_candidate_whose_answers_turn_wrong_is_rolled_back_by_quality_analysis
     with reg.session() as s:
         assert catalog.get_version(s, "canary", candidate).status == "rejected"
         assert catalog.get_alias(s, "canary", "production").version.version == champion
+
+
+def test_the_canary_steps_undo_returns_a_fully_rolled_out_unpromoted_candidate_to_production(stack, canary_model):
+    """What the runner calls when a step after a succeeded canary fails (say `promote`): the candidate at 100 %
+    but never promoted goes away, production is back at 100 %."""
+    from slipway.flows.steps.rollout import _undo_canary
+    from slipway.flows.steptypes import StepContext
+    from slipway.serve import control
+
+    reg = canary_model
+    champion = _production(reg)
+    with reg.session() as s:
+        candidate = catalog.create_version(s, model="canary").version
+    control.deploy_version("canary", candidate, config=_config(), registry=reg)
+    control.set_weights("canary", {candidate: 1.0}, reason="test: canary completed, promote about to fail")
+    ctx = StepContext(
+        run_id="undo-test", step="canary", pipeline="p", model="canary", params={}, registry=reg, documents=None
+    )
+    did = _undo_canary(ctx, {"candidate": f"canary:{candidate}"})
+    assert f"canary:{champion} at 100%" in did and f"removed canary:{candidate}" in did, did
+    w = control.get_weights("canary")
+    assert set(w["apps"]) == {str(champion)} and w["weights"] == {str(champion): 1.0}
