@@ -179,6 +179,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the batched server")
     args = ap.parse_args()
 
     import ray
@@ -225,7 +226,7 @@ def main() -> None:
             1,
             uri=str(model_dir),
             config=ServingConfig.for_model(
-                "tinyb", max_batch_size=32, batch_wait_timeout_s=0.01, max_ongoing_requests=64, **common
+                "tinyb", max_batch_size=32, batch_wait_timeout_s=args.batch_wait, max_ongoing_requests=64, **common
             ),
         )
         control.deploy_version(
