@@ -209,6 +209,20 @@ class _Execution:
             self._finish(RunStatus.SUCCEEDED, None)
         return RunResult(self.run_id, RunStatus.FAILED if failed else RunStatus.SUCCEEDED, error, self.outputs)
 
+    def context(self, step: str) -> StepContext:
+        """What step ``step`` of this run gets besides its input (its run, the registry, the policies)."""
+        return StepContext(
+            run_id=self.run_id,
+            step=step,
+            pipeline=self.plan.pipeline.name,
+            model=self.plan.pipeline.model,
+            params=dict(self.params),
+            registry=self.reg,
+            documents=self.docs,
+            actor=self.reg.actor or "unknown",
+            logger=self.logger,
+        )
+
     def _compensate(self) -> list[str]:
         """The run failed: undo the succeeded steps whose type can be undone, latest first (a saga's
         compensations). An undo that fails is reported, and the others still run."""
@@ -217,19 +231,8 @@ class _Execution:
             planned = self.plan.steps[name]
             if self.status.get(name) != RunStatus.SUCCEEDED or planned.type.undo is None or name not in self.outputs:
                 continue
-            ctx = StepContext(
-                run_id=self.run_id,
-                step=name,
-                pipeline=self.plan.pipeline.name,
-                model=self.plan.pipeline.model,
-                params=dict(self.params),
-                registry=self.reg,
-                documents=self.docs,
-                actor=self.reg.actor or "unknown",
-                logger=self.logger,
-            )
             try:
-                what = planned.type.undo(ctx, self.outputs[name])
+                what = planned.type.undo(self.context(name), self.outputs[name])
             except Exception as e:
                 what = f"undo failed: {_describe(e)}"
                 self.logger.exception("undoing step %s failed", name)
@@ -454,18 +457,7 @@ def _step_body(execution: _Execution) -> Any:
                 inp = st.input_model.model_validate(inputs)
             except ValidationError as e:
                 raise StepInputError(_input_problems(st.name, e)) from None
-            ctx = StepContext(
-                run_id=run_id,
-                step=name,
-                pipeline=execution.plan.pipeline.name,
-                model=execution.plan.pipeline.model,
-                params=dict(execution.params),
-                registry=reg,
-                documents=execution.docs,
-                actor=reg.actor or "unknown",
-                logger=execution.logger,
-            )
-            out = st.func(ctx, inp)
+            out = st.func(execution.context(name), inp)
             out = out if isinstance(out, st.output_model) else st.output_model.model_validate(out)
             outputs = out.model_dump(mode="json")
         except BaseException as e:

@@ -157,11 +157,16 @@ def _check(out: dict[str, Any]) -> dict[str, Any]:
     raise ServeError(err["message"])
 
 
+def payload_text(payload: dict[str, Any]) -> str:
+    """A request's prompt, or its messages as JSON: what budgets estimate from."""
+    return payload.get("prompt") or json.dumps(payload.get("messages"))
+
+
 def _secret(value: str | None) -> str | None:
     """``value``, or what its ``vault://`` reference (whole or ``${...}`` inside) resolves to."""
     from slipway import secrets
 
-    return secrets.resolve(value) if value and secrets.is_reference(value) else value
+    return secrets.resolve(value) if value else value
 
 
 def _prompt_logger(doc: dict[str, Any] | None) -> Any:
@@ -537,7 +542,7 @@ class Gateway:
     ) -> Any:
         t0 = time.perf_counter()
         rid = _request_id(request)
-        text = payload_in.get("prompt") or json.dumps(payload_in.get("messages"))
+        text = payload_text(payload_in)
         principal, entry, cfg, version, payload, headers, hold = await self._admit(rid, t0, body, authorization, text)
         payload |= payload_in
         model = body.model
@@ -746,10 +751,6 @@ class Gateway:
     ) -> Any:
         messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
         return await self._complete(request, body, authorization, {"messages": messages}, chat=True)
-
-
-def payload_text(payload: dict[str, Any]) -> str:
-    return payload.get("prompt") or json.dumps(payload.get("messages"))
 
 
 def build(args: dict[str, Any]) -> Any:

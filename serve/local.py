@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +20,8 @@ from slipway.policies.serving import ServingConfig
 
 if TYPE_CHECKING:
     from slipway.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class ServeUnavailable(SlipwayError):
@@ -86,6 +89,19 @@ def connect(*, start: bool = False, num_gpus: float | None = None) -> bool:
         raise ServeUnavailable(f"`ray start` failed: {proc.stderr.strip().splitlines()[-1:]}")
     ray.init(address="auto", namespace="slipway", log_to_driver=False)
     return True
+
+
+def control_if_running() -> Any:
+    """``slipway.serve.control`` when a Ray cluster is reachable, else None (callers then act on the registry
+    alone). Never starts Ray."""
+    try:
+        connect(start=False)
+    except Exception as e:
+        log.warning("serving unreachable, acting on the registry only: %s", e)
+        return None
+    from slipway.serve import control
+
+    return control
 
 
 def _reachable(address: str) -> bool:

@@ -34,12 +34,13 @@ class ComplianceOutput(Strict):
 def compliance_check(ctx: StepContext, inp: ComplianceInput) -> ComplianceOutput:
     """Apply compliance rules to the registry and record the findings."""
     from slipway import compliance
+    from slipway.serve import local
 
     rules = ctx.documents.get("ComplianceRules", inp.rules)
     report = compliance.run(ctx.registry, rules, docs=ctx.documents, model=inp.model)
-    demoted = (
-        compliance.demote(ctx.registry, report, _serving()) if any(f["action"] == "demote" for f in report.new) else []
-    )
+    demoted: list[str] = []
+    if any(f["action"] == "demote" for f in report.new):  # reach serving only when there is something to demote
+        demoted = compliance.demote(ctx.registry, report, local.control_if_running())
     lines = compliance.summary_lines(report) + [f"demoted {d}" for d in demoted]
     if lines:
         from slipway.flows.steps.generic import NotifyInput, notify
@@ -59,14 +60,3 @@ def compliance_check(ctx: StepContext, inp: ComplianceInput) -> ComplianceOutput
         skipped=[f"{r.rule}: {r.note}" for r in report.results if r.status in ("skipped", "error")],
         demoted=demoted,
     )
-
-
-def _serving() -> object | None:
-    """The serving control plane when a Ray with slipway serving is reachable; else None (registry only)."""
-    try:
-        from slipway.serve import control, local
-
-        local.connect(start=False)
-        return control
-    except Exception:
-        return None

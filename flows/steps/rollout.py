@@ -201,18 +201,13 @@ def promote(ctx: StepContext, inp: PromoteInput) -> PromoteOutput:
     """Compare-and-set ``production`` to the candidate under the promotion lease; retire the old champion."""
     from slipway.registry import catalog
     from slipway.rollout import promotion
-    from slipway.serve import control, local
+    from slipway.serve import local
 
     with ctx.registry.session() as s:
         v = catalog.resolve(s, inp.candidate)
         model, number = v.model.name, v.version
     holder = promotion.holder_id(ctx.run_id)
-    serving = None
-    try:
-        local.connect(start=False)
-        serving = control
-    except Exception as e:  # registry-only promotion when nothing serves (the alias still moves)
-        log.warning("serving unreachable, moving the alias only: %s", e)
+    serving = local.control_if_running()  # registry-only promotion when nothing serves (the alias still moves)
     try:
         out = promotion.promote(
             ctx.registry,
