@@ -4,13 +4,18 @@ Setups, each at concurrency 1, 8 and 32 with a closed-loop client, 32-token prom
 
   limit        in-process batched ``generate`` with batch = concurrency (no server at all)
   fastapi      FastAPI + uvicorn, one blocking request at a time (the naive server)
-  rs-unbatched Ray Serve model server with max_batch_size=1, over HTTP through a thin ingress
-  rs-batched   Ray Serve model server with @serve.batch(32), over HTTP through the same thin ingress
-  gateway      rs-batched behind the full slipway gateway (auth, rate limit, routing, usage, metrics)
+  rs-unbatched   Ray Serve model server with max_batch_size=1, over HTTP through a thin ingress that reaches
+                 it the way the gateway does (concurrent requests coalesced into one call)
+  rs-batched     Ray Serve model server with @serve.batch(32), over HTTP through the same thin ingress
+  rs-per-request rs-batched's model server, one handle call per request (no coalescing)
+  gateway        rs-batched behind the full slipway gateway (auth, rate limit, routing, usage, metrics)
 
 plus the gateway overhead at concurrency 1 on the echo backend (gateway vs thin ingress, same model server).
 
-    .venv/bin/python bench/serve.py [--seconds 6] [--quick]
+    .venv/bin/python bench/serve.py [--seconds 6] [--ingress haproxy|proxy] [--batch-wait S] [--json F]
+
+``--ingress haproxy`` (the default) runs Ray Serve's throughput configuration (HAProxy in front, replicas serving
+HTTP themselves, gRPC between deployments); ``proxy`` runs Ray's default Python proxy.
 
 Figures are req/s, p50 and p99 latency in ms; ratios are against the limit measured in the same run.
 """
@@ -74,27 +79,37 @@ def bench_limit(model_dir: Path, seconds: float) -> dict[int, dict[str, float]]:
 
 
 async def closed_loop(url: str, bodies: list[dict], c: int, seconds: float, headers: dict | None = None):
-    import httpx
+    """``c`` clients, each sending its next request when the last is answered, for ``seconds``.
+
+    The client is aiohttp: it shares the 2 cores with the servers, and httpx measured about twice its CPU per
+    request here, which showed up as lower server figures.
+    """
+    import aiohttp
 
     lat: list[float] = []
     errors = 0
     stop = 0.0
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=c)) as client:
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=c), timeout=timeout) as client:
+
+        async def post(body: dict) -> int:
+            async with client.post(url, json=body, headers=headers) as r:
+                await r.read()
+                return r.status
 
         async def worker(w: int) -> None:
             nonlocal errors
             i = w
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                r = await client.post(url, json=bodies[i % len(bodies)], headers=headers)
-                if r.status_code == 200:
+                if await post(bodies[i % len(bodies)]) == 200:
                     lat.append((time.perf_counter() - t) * 1000)
                 else:
                     errors += 1
                 i += c
 
         # warm-up: one round at this concurrency, not timed
-        await asyncio.gather(*(client.post(url, json=bodies[w % len(bodies)], headers=headers) for w in range(c)))
+        await asyncio.gather(*(post(bodies[w % len(bodies)]) for w in range(c)))
         t0 = time.perf_counter()
         stop = t0 + seconds
         await asyncio.gather(*(worker(w) for w in range(c)))
@@ -154,15 +169,20 @@ def _wait(ok, timeout_s: float = 120.0) -> None:
     raise TimeoutError("service did not come up")
 
 
-def direct_ingress():
-    """A thin HTTP ingress that forwards the body to a model server's handle: Ray Serve without the gateway."""
+def direct_ingress(coalesce: bool):
+    """A thin HTTP ingress that forwards the body to a model server: Ray Serve without the gateway's auth,
+    limits, routing and records. With ``coalesce`` it reaches the model server the way the gateway does
+    (concurrent requests leave as one ``generate_many`` call); without, one handle call per request."""
     from ray import serve
     from starlette.requests import Request
+
+    from slipway.serve.coalesce import Coalescer
 
     @serve.deployment(name="Direct", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1})
     class Direct:
         def __init__(self) -> None:
             self.handles: dict[str, Any] = {}
+            self.coalescers: dict[str, Coalescer] = {}
 
         async def __call__(self, request: Request) -> dict:
             body = await request.json()
@@ -170,9 +190,18 @@ def direct_ingress():
             h = self.handles.get(app) or self.handles.setdefault(
                 app, serve.get_deployment_handle("ModelServer", app_name=app)
             )
-            return await h.generate.remote(body)
+            if not coalesce:
+                return await h.generate.remote(body)
+            c = self.coalescers.get(app) or self.coalescers.setdefault(
+                app, Coalescer(lambda items: _remote(h.generate_many, items), max_items=64, max_linger_s=0.1)
+            )
+            return await c.submit(body)
 
     return Direct.bind()
+
+
+async def _remote(method: Any, items: list[dict]) -> Any:
+    return await method.remote(items)
 
 
 def main() -> None:
@@ -180,8 +209,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--batch-wait", type=float, default=0.01, help="batch_wait_timeout_s of the batched server")
+    ap.add_argument(
+        "--ingress",
+        choices=("haproxy", "proxy"),
+        default="haproxy",
+        help="haproxy: Ray Serve's throughput configuration (HAProxy, direct ingress); proxy: Ray's default",
+    )
     args = ap.parse_args()
 
+    from slipway.serve.local import INGRESS_ENV
+
+    mode_env = INGRESS_ENV[args.ingress]
     import ray
     from ray import serve
 
@@ -209,7 +247,7 @@ def main() -> None:
         namespace="slipway",
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}},
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", **mode_env}},
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -219,7 +257,8 @@ def main() -> None:
         with reg.session() as s:
             _k, secret = keys.create_key(s, name="bench")
         control.deploy_gateway({"database_url": str(reg.engine.url)})
-        serve.run(direct_ingress(), name="direct", route_prefix="/direct")
+        serve.run(direct_ingress(True), name="direct", route_prefix="/direct")
+        serve.run(direct_ingress(False), name="perreq", route_prefix="/perreq")
         common = {"ray_actor_options": {"num_cpus": 1}, "max_new_tokens": 64, "max_prompt_tokens": 64}
         control.deploy_version(
             "tinyb",
@@ -246,19 +285,24 @@ def main() -> None:
             return [{"app": app, "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0.0} for p in ps]
 
         auth = {"Authorization": f"Bearer {secret}"}
-        print("ray serve unbatched ...", flush=True)
-        results["rs-unbatched"] = {
-            c: asyncio.run(closed_loop(f"{base}/direct", direct("tinyu-v1"), c, args.seconds)) for c in CONCURRENCY
-        }
-        print("ray serve batched ...", flush=True)
-        results["rs-batched"] = {
-            c: asyncio.run(closed_loop(f"{base}/direct", direct("tinyb-v1"), c, args.seconds)) for c in CONCURRENCY
-        }
-        print("gateway -> ray serve batched ...", flush=True)
+        mean_batch: dict[str, dict[int, float]] = {}
+
+        def row(name: str, app: str, url: str, bodies: list[dict], headers: dict | None = None) -> None:
+            print(f"{name} ...", flush=True)
+            h = serve.get_deployment_handle("ModelServer", app_name=app)
+            results[name], mean_batch[name] = {}, {}
+            for c in CONCURRENCY:
+                b0 = h.info.remote().result()
+                results[name][c] = asyncio.run(closed_loop(url, bodies, c, args.seconds, headers))
+                b1 = h.info.remote().result()
+                n = b1["batched_requests"] - b0["batched_requests"]
+                mean_batch[name][c] = n / max(1, b1["batches"] - b0["batches"])
+
+        row("rs-unbatched", "tinyu-v1", f"{base}/direct", direct("tinyu-v1"))
+        row("rs-batched", "tinyb-v1", f"{base}/direct", direct("tinyb-v1"))
+        row("rs-per-request", "tinyb-v1", f"{base}/perreq", direct("tinyb-v1"))
         gw = [{"model": "tinyb", "prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0} for p in ps]
-        results["gateway"] = {
-            c: asyncio.run(closed_loop(f"{base}/v1/completions", gw, c, args.seconds, auth)) for c in CONCURRENCY
-        }
+        row("gateway", "tinyb-v1", f"{base}/v1/completions", gw, auth)
         print("gateway overhead on echo ...", flush=True)
         eb = [{"app": "echo-v1", "prompt": "a b c", "max_tokens": 4} for _ in range(8)]
         ge = [{"model": "echo", "prompt": "a b c", "max_tokens": 4} for _ in range(8)]
@@ -266,11 +310,11 @@ def main() -> None:
             "direct": asyncio.run(closed_loop(f"{base}/direct", eb, 1, args.seconds)),
             "gateway": asyncio.run(closed_loop(f"{base}/v1/completions", ge, 1, args.seconds, auth)),
         }
-        batch_stats = control.metrics("tinyb", seconds=600).get("1", {})
     finally:
         serve.shutdown()
         ray.shutdown()
 
+    print(f"\ningress: {args.ingress}; client: aiohttp; {args.seconds:g} s per cell")
     print(f"\n{'setup':<14}" + "".join(f"{'c=' + str(c):>28}" for c in CONCURRENCY))
     print(f"{'':<14}" + "".join(f"{'req/s   p50ms   p99ms':>28}" for _ in CONCURRENCY))
     for name, cells in results.items():
@@ -282,14 +326,15 @@ def main() -> None:
     print(f"  ray serve batched / unbatched  = {rb[32]['rps'] / max(ru[32]['rps'], 1e-9):.2f}  (goal >= 5)")
     print(f"  gateway / ray serve batched    = {gwr[32]['rps'] / rb[32]['rps']:.2f}")
     print(f"  fastapi / limit                = {results['fastapi'][32]['rps'] / lim[32]['rps']:.2f}")
-    print(f"  mean batch size through the gateway: {batch_stats.get('mean_batch_size')}")
+    print("  mean batch size: " + ", ".join(f"{k} {v[32]:.1f}" for k, v in mean_batch.items()))
     d, g = overhead["direct"], overhead["gateway"]
     print(
         f"\ngateway overhead at c=1 on echo: direct p50 {d['p50']:.2f} ms, gateway p50 {g['p50']:.2f} ms, "
         f"overhead {g['p50'] - d['p50']:+.2f} ms (goal <= 3)"
     )
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "overhead": overhead}, indent=2))
+        doc = {"ingress": args.ingress, "results": results, "overhead": overhead, "mean_batch": mean_batch}
+        args.json.write_text(json.dumps(doc, indent=2))
 
 
 if __name__ == "__main__":

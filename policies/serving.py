@@ -118,6 +118,13 @@ class ServingConfig(Document):
         description="Per-request deadline; past it the gateway answers 504. Default 60.",
     )
     streaming: bool = Field(default=True, description="Allow stream=true requests. Default true.")
+    coalesce: bool = Field(
+        default=True,
+        description=(
+            "The gateway sends concurrent requests for one version as one call, which the model server batches;"
+            " false sends each request alone. Default true."
+        ),
+    )
     fault_injection: FaultInjection | None = Field(
         default=None, description="Chaos testing only: make the version fail on purpose. Default none."
     )

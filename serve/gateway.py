@@ -30,6 +30,7 @@ from slipway.policies.serving import ServingConfig
 from slipway.serve import protocol as p
 from slipway.serve.auth import Authenticator, JwtConfig, Principal
 from slipway.serve.budget import BudgetGuard, Reservation
+from slipway.serve.coalesce import Coalescer
 from slipway.serve.errors import (
     BadRequest,
     ModelNotFound,
@@ -223,6 +224,7 @@ class Gateway:
         self.rng = random.Random()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.handles: dict[str, Any] = {}
+        self.coalescers: dict[tuple[str, int, int, float], Coalescer] = {}
         self.inflight: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.model_inflight: dict[str, int] = defaultdict(int)
         self.pending: dict[tuple[str, str, int], Bucket] = {}
@@ -568,7 +570,7 @@ class Gateway:
         self.model_inflight[model] += 1
         self.inflight[model][version] += 1
         try:
-            out = await self._call(entry, version, payload, cfg.request_timeout_s)
+            out = await self._call(entry, version, payload, cfg)
         except BaseException as e:
             await self._release(hold)
             if isinstance(e, ServeError):
@@ -584,7 +586,7 @@ class Gateway:
             rid, principal, model, version, payload_in.get("prompt") or payload_in.get("messages"), out["text"]
         )
         for v in shadow_targets(entry["versions"], version, self.rng):
-            self._spawn(self._shadow(entry, model, v, payload, cfg.request_timeout_s))
+            self._spawn(self._shadow(entry, model, v, payload, cfg))
         if cache_key is not None:
             self._spawn(self.cache.put(cache_key, out, cfg.cache.ttl_s))
         return self._answer(rid, model, out, headers, chat)
@@ -594,24 +596,49 @@ class Gateway:
         body = p.chat_body(f"chatcmpl-{rid}", model, out) if chat else p.completion_body(f"cmpl-{rid}", model, out)
         return JSONResponse(body, headers=headers)
 
-    async def _call(self, entry: dict[str, Any], version: str, payload: dict[str, Any], timeout_s: float):
+    async def _call(self, entry: dict[str, Any], version: str, payload: dict[str, Any], cfg: ServingConfig):
         from ray.serve.exceptions import BackPressureError
 
-        resp = self._handle(entry["versions"][version]["app"]).generate.remote(payload)
+        app_name, timeout_s = entry["versions"][version]["app"], cfg.request_timeout_s
+        if not cfg.coalesce:
+            resp = self._handle(app_name).generate.remote(payload)
+            fut: Any = _await(resp)
+        else:
+            fut = self._coalescer(app_name, cfg).submit(payload)
+            resp = None
         try:
-            out = await asyncio.wait_for(_await(resp), timeout_s)
+            out = await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
-            resp.cancel()
+            if resp is not None:
+                resp.cancel()
             raise UpstreamTimeout(f"no answer within {timeout_s:g}s") from None
         except BackPressureError:
             raise Overloaded("the model server's queue is full; retry shortly", headers={"retry-after": "1"}) from None
         return _check(out)
 
-    async def _shadow(self, entry: dict[str, Any], model: str, version: str, payload: dict[str, Any], timeout_s: float):
+    def _coalescer(self, app_name: str, cfg: ServingConfig) -> Coalescer:
+        """One coalescer per live version: concurrent requests to it leave as one ``generate_many`` call."""
+        replicas = cfg.num_replicas or (cfg.autoscaling.min_replicas if cfg.autoscaling else 1)
+        key = (app_name, replicas, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        c = self.coalescers.get(key)
+        if c is None:
+            handle = self._handle(app_name)
+            c = self.coalescers[key] = Coalescer(
+                lambda items: _await(handle.generate_many.remote(items)),
+                max_inflight=max(1, replicas),
+                max_items=max(cfg.max_batch_size, 1) * 2,
+                min_linger_s=min(cfg.batch_wait_timeout_s, 0.005),
+                max_linger_s=max(cfg.batch_wait_timeout_s, 0.1),
+            )
+        return c
+
+    async def _shadow(
+        self, entry: dict[str, Any], model: str, version: str, payload: dict[str, Any], cfg: ServingConfig
+    ):
         t0 = time.perf_counter()
         status, out = 200, None
         try:
-            out = await self._call(entry, version, payload, timeout_s)
+            out = await self._call(entry, version, payload, cfg)
         except ServeError as e:
             status = e.status
         except Exception:

@@ -280,6 +280,14 @@ class ModelServer:
             out = {**out, "text": out["text"][::-1]}
         return {**out, "version": self.version}
 
+    async def generate_many(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Complete several requests sent as one call (the gateway coalesces concurrent requests)."""
+        outs = await asyncio.gather(*(self.generate(r) for r in reqs), return_exceptions=True)
+        return [
+            o if isinstance(o, dict) else _error(500, f"generation failed: {type(o).__name__}")
+            for o in outs  # one request's failure must not fail the others sent with it
+        ]
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
     async def _batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         size = len(reqs)

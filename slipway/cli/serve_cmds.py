@@ -78,10 +78,20 @@ def serve_up(
     gateway_replicas: Annotated[int, typer.Option("--gateway-replicas", min=1)] = 1,
     budget: BudgetOpt = None,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C shuts down.")] = False,
+    ingress: Annotated[
+        str,
+        typer.Option(
+            "--ingress",
+            help="HTTP front of a Ray started here: proxy (Ray's default) or haproxy (Ray Serve's throughput "
+            "configuration: HAProxy, replicas serving HTTP, gRPC between deployments).",
+        ),
+    ] = "proxy",
 ) -> None:
     """Start a local Ray (unless RAY_ADDRESS is set), deploy the production versions and print the base URL."""
     from slipway.serve import local
 
+    if ingress not in local.INGRESS_ENV:
+        raise typer.BadParameter(f"unknown ingress {ingress!r}: use proxy or haproxy", param_hint="--ingress")
     budget_doc = _budget(budget)
     reg = open_registry()
     info = local.up(
@@ -92,6 +102,7 @@ def serve_up(
         port=port,
         gateway_replicas=gateway_replicas,
         budget=budget_doc,
+        ingress=ingress,
     )
     typer.echo(f"{info['base_url']}/v1")
     served = ", ".join(f"{m}:{v}" for m, v in info["models"].items())
