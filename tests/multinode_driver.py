@@ -3,11 +3,14 @@
 
     python -m tests.multinode_driver deploy HTTP_PORT METRICS_URL [METRICS_URL ...]
     python -m tests.multinode_driver recover HTTP_PORT OLD_NODE_ID
+    python -m tests.multinode_driver haproxy HTTP_PORT
 
 ``deploy`` starts Serve (proxy on the head only: both nodes share this machine's ports), the gateway (JWT auth,
 a CostBudget) and ``echo`` v1 with two replicas at ``num_gpus: 0.5``; answers requests (plain and streamed)
 through the gateway; reports the replicas' nodes and GPU ids and every metric name the nodes' metrics agents
 export. ``recover`` waits until both replicas run again on a node other than ``OLD_NODE_ID`` and answer.
+``haproxy`` runs against a cluster started with the ``haproxy`` ingress: the gateway and echo v1, requests plain
+and streamed, the official ``openai`` client, a second version given half the traffic and removed under load.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -135,6 +139,75 @@ def recover(port: int, old_node: str, timeout_s: float = 150) -> dict[str, Any]:
     return {"codes": codes, "replicas": replicas, "seconds": round(timeout_s - (deadline - time.monotonic()), 1)}
 
 
+def haproxy(port: int) -> dict[str, Any]:
+    import asyncio
+
+    import openai
+    from ray import serve
+
+    from slipway.policies.serving import ServingConfig
+    from slipway.serve import control
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    control.deploy_gateway({"jwt_secret": JWT_SECRET, "metrics_push_s": 0.25})
+    cfg = ServingConfig.for_model("echo", backend="echo", ray_actor_options={"num_cpus": 0.1}, max_batch_size=8)
+    control.deploy_version("echo", 1, config=cfg)
+    codes = _ask(port, 10)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=_token())
+    hello = [{"role": "user", "content": "hi there"}]
+    chat = client.chat.completions.create(model="echo", messages=hello, max_tokens=3)
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(model="echo", prompt="a b", max_tokens=4, stream=True)
+    )
+    bad_key = httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        json={"model": "echo", "prompt": "x"},
+        headers={"Authorization": "Bearer nope"},
+    )
+
+    async def load(seconds: float) -> list[int]:
+        out: list[int] = []
+        h = {"Authorization": f"Bearer {_token()}"}
+        async with httpx.AsyncClient(timeout=30) as c:
+
+            async def one(i: int) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    body = {"model": "echo", "prompt": f"load {i}", "max_tokens": 2}
+                    r = await c.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=h)
+                    out.append(r.status_code)
+
+            await asyncio.gather(*(one(i) for i in range(8)))
+        return out
+
+    async def swap() -> list[int]:
+        task = asyncio.ensure_future(load(8.0))
+        await asyncio.to_thread(control.deploy_version, "echo", 2, config=cfg)
+        await asyncio.to_thread(control.set_weights, "echo", {1: 0.5, 2: 0.5}, reason="haproxy test")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(control.set_weights, "echo", {1: 1.0}, reason="haproxy test: back")
+        await asyncio.to_thread(control.remove_version, "echo", 2, drain_timeout_s=2)
+        return await task
+
+    t0 = time.monotonic()
+    under_load = asyncio.run(swap())
+    swap_s = round(time.monotonic() - t0, 1)
+    apps = sorted(serve.status().applications)
+    ps = subprocess.run(["pgrep", "-fa", "haproxy"], capture_output=True, text=True).stdout.splitlines()
+    serve.shutdown()  # stops HAProxy too (a killed head would leave it running)
+    return {
+        "codes": codes,
+        "chat": chat.choices[0].message.content,
+        "chat_usage": chat.usage.total_tokens,
+        "streamed": streamed,
+        "bad_key": [bad_key.status_code, bad_key.json()],
+        "under_load": {str(k): under_load.count(k) for k in set(under_load)},
+        "swap_s": swap_s,
+        "apps": apps,
+        "haproxy": [line for line in ps if "haproxy.cfg" in line],
+    }
+
+
 def _wait_for_gpu_node(timeout_s: float = 120) -> None:
     """Until the cluster counts a live node with GPUs (a node that just started may not be registered yet)."""
     import ray
@@ -151,8 +224,11 @@ def main(argv: list[str]) -> int:
     import ray
 
     ray.init(address=os.environ["RAY_ADDRESS"], namespace="slipway", log_to_driver=False)
-    _wait_for_gpu_node()
     phase, port = argv[0], int(argv[1])
+    if phase == "haproxy":
+        print(json.dumps(haproxy(port)), flush=True)
+        return 0
+    _wait_for_gpu_node()
     out = deploy(port, argv[2:]) if phase == "deploy" else recover(port, argv[2])
     print(json.dumps(out), flush=True)
     return 0

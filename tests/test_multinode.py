@@ -187,3 +187,46 @@ def test_gpu_replicas_land_on_the_gpu_node_and_come_back_after_it_is_replaced(cl
     assert len(second["replicas"]) == 2, second
     assert all(r["node_id"] != gpu_nodes[0] for r in second["replicas"]), second["replicas"]
     assert second["codes"] == [200] * 6, second["codes"]
+
+
+def test_the_haproxy_ingress_serves_the_gateway(tmp_path: Path) -> None:
+    """``serve up --ingress haproxy``'s cluster: Ray Serve's throughput configuration (HAProxy in front, replicas
+    serving HTTP, user code on the replica's main loop, gRPC between deployments) runs the whole gateway."""
+    from slipway.serve.local import INGRESS_ENV
+
+    gcs, metrics, http = _free_ports(3)
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("SLIPWAY_DATABASE_URL", None)
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rha-", dir="/tmp")
+    head = Node(
+        [
+            "--head",
+            f"--port={gcs}",
+            "--include-dashboard=false",
+            f"--temp-dir={temp_dir}",
+            *_node_args(gpus=0, cpus=2, metrics_port=metrics),
+        ],
+        {**env, **INGRESS_ENV["haproxy"]},  # what `slipway serve up --ingress haproxy` gives `ray start`
+        tmp_path / "head.log",
+    )
+    try:
+        _wait_started(tmp_path / "head.log")
+        out = _driver({**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, "haproxy", str(http))
+    finally:
+        head.stop()
+    print(f"haproxy ingress: statuses {out['under_load']} while a version came and went ({out['swap_s']} s)")
+    assert out["haproxy"], "no HAProxy process ran: the cluster fell back to Ray's Python proxy"
+    assert out["codes"] == [200] * 10, out["codes"]
+    assert out["chat"] and out["chat_usage"] > 0, out
+    assert out["streamed"].split() == ["a", "b", "a", "b"], out["streamed"]
+    assert out["bad_key"][0] == 401 and out["bad_key"][1]["error"]["type"], out["bad_key"]
+    # a version added, given half the traffic and removed while 8 clients keep asking: no request failed
+    assert set(out["under_load"]) == {"200"} and out["under_load"]["200"] > 50, out["under_load"]
+    assert "echo-v2" not in out["apps"] and "echo-v1" in out["apps"], out["apps"]
