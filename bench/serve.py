@@ -193,7 +193,7 @@ def direct_ingress(coalesce: bool):
             if not coalesce:
                 return await h.generate.remote(body)
             c = self.coalescers.get(app) or self.coalescers.setdefault(
-                app, Coalescer(lambda items: _remote(h.generate_many, items), max_items=64, max_linger_s=0.1)
+                app, Coalescer(lambda items: _remote(h.generate_many, items), max_items=64)
             )
             return await c.submit(body)
 

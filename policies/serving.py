@@ -125,6 +125,15 @@ class ServingConfig(Document):
             " false sends each request alone. Default true."
         ),
     )
+    coalesce_max_wait_s: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "Under load, how long at most a freed call slot waits for the crowd of returning requests (it waits"
+            " half the recent call time, never less than min(batch_wait_timeout_s, 5 ms)). Default 0.25."
+        ),
+    )
     fault_injection: FaultInjection | None = Field(
         default=None, description="Chaos testing only: make the version fail on purpose. Default none."
     )

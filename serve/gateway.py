@@ -224,7 +224,7 @@ class Gateway:
         self.rng = random.Random()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.handles: dict[str, Any] = {}
-        self.coalescers: dict[tuple[str, int, int, float], Coalescer] = {}
+        self.coalescers: dict[tuple[str, int, int, float, float], Coalescer] = {}
         self.inflight: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.model_inflight: dict[str, int] = defaultdict(int)
         self.pending: dict[tuple[str, str, int], Bucket] = {}
@@ -619,7 +619,7 @@ class Gateway:
     def _coalescer(self, app_name: str, cfg: ServingConfig) -> Coalescer:
         """One coalescer per live version: concurrent requests to it leave as one ``generate_many`` call."""
         replicas = cfg.num_replicas or (cfg.autoscaling.min_replicas if cfg.autoscaling else 1)
-        key = (app_name, replicas, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        key = (app_name, replicas, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.coalesce_max_wait_s)
         c = self.coalescers.get(key)
         if c is None:
             handle = self._handle(app_name)
@@ -628,7 +628,7 @@ class Gateway:
                 max_inflight=max(1, replicas),
                 max_items=max(cfg.max_batch_size, 1) * 2,
                 min_linger_s=min(cfg.batch_wait_timeout_s, 0.005),
-                max_linger_s=max(cfg.batch_wait_timeout_s, 0.1),
+                max_linger_s=cfg.coalesce_max_wait_s,
             )
         return c
 
