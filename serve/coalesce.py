@@ -13,10 +13,12 @@ When to send is the whole design:
   (1 for a lone client) they leave at once.
 * Under load, when a call returns, the clients it answered come back a little later, one by one. Sending the
   first arrivals alone splits the crowd into a big and a small group that never merge again (measured: batches
-  alternating 31/1 and 23/9). So a freed slot waits for the crowd, until the waiting requests reach the recent
-  peak or ``linger`` passes since the slot freed. ``linger`` follows the service time: half the recent call
-  duration, at least ``min_linger_s`` and at most ``max_linger_s`` (on 2 cores the crowd of 32 took longer
-  than a quarter of the call to come back: batches of 23 instead of 31).
+  alternating 31/1 and 23/9). So a freed slot waits while the answered requests are not all followed by new
+  ones (a returning crowd is expected) and the waiting requests are fewer than the recent peak, at most
+  ``linger`` after the slot freed. ``linger`` follows the service time: half the recent call duration, at least
+  ``min_linger_s`` and at most ``max_linger_s``. (Two earlier rules measured worse on 2 cores: waiting for the
+  exact peak cost a full linger per cycle when one client of the crowd was elsewhere; waiting until arrivals
+  paused sent the crowd without its straggler, which then ran alone in a batch of 1.)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Coalescer:
         self._inflight = 0
         self._active = 0  # submitted and not yet answered
         self._freed_at = 0.0
+        self._expected = 0  # requests answered by the last call(s) and not yet followed by a new one
         self._call_s = 0.0  # moving average of a call's duration
         self._window = (time.monotonic(), 0, 0)  # (start, peak this window, peak last window)
         self._timer: asyncio.TimerHandle | None = None
@@ -76,21 +79,23 @@ class Coalescer:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append((payload, fut, time.monotonic()))
         self._active += 1
+        self._expected = max(0, self._expected - 1)
         self._flush()
         return await fut
 
-    def _flush(self, *, timer: bool = False) -> None:
-        if timer:
-            self._timer = None
+    def _flush(self) -> None:
+        self._timer = None
         while self._pending and self._inflight < self.max_inflight:
             target = min(self.max_items, -(-self._peak() // self.max_inflight))
-            waited = time.monotonic() - max(self._pending[0][2], self._freed_at)
-            if len(self._pending) < target and waited < self.linger_s and not timer:
-                if self._timer is None:
-                    loop = asyncio.get_running_loop()
-                    self._timer = loop.call_later(self.linger_s - waited, lambda: self._flush(timer=True))
-                return
-            timer = False  # one timer flush sends one call; the next waits again
+            if len(self._pending) < target and self._expected > 0:
+                # the clients just answered are on their way back: wait for them, up to the linger
+                now = time.monotonic()
+                deadline = max(self._pending[0][2], self._freed_at) + self.linger_s
+                if now < deadline:
+                    if self._timer is None:
+                        self._timer = asyncio.get_running_loop().call_later(deadline - now, self._flush)
+                    return
+            self._expected = 0  # a call leaves: whoever comes later is a new crowd
             taken, self._pending = self._pending[: self.max_items], self._pending[self.max_items :]
             items = [it for it in taken if not it[1].done()]  # given up on (timed out) while waiting here
             self._active -= len(taken) - len(items)
@@ -123,6 +128,7 @@ class Coalescer:
             self._call_s = dt if self._call_s == 0 else 0.8 * self._call_s + 0.2 * dt
             self._inflight -= 1
             self._active -= len(items)
+            self._expected += len(items)
             self._freed_at = time.monotonic()
             self._flush()
 

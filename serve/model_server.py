@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -183,6 +183,8 @@ class ModelServer:
         self.batches = 0
         self.batched_requests = 0
         self.largest_batch = 0
+        self.recent_batches: deque[int] = deque(maxlen=64)  # sizes of the last batches (info, benches)
+        self.busy_s = 0.0  # seconds spent generating (utilisation = its growth over wall time)
         self._healthy = True
         self.batch_settings: dict[str, Any] = {}
         self.reconfigure(self.cfg.batch_settings())
@@ -240,6 +242,8 @@ class ModelServer:
             "batches": self.batches,
             "batched_requests": self.batched_requests,
             "largest_batch": self.largest_batch,
+            "recent_batches": list(self.recent_batches),
+            "busy_s": self.busy_s,
         }
 
     def _prepare(self, req: dict[str, Any]) -> tuple[str, int] | dict[str, Any]:
@@ -294,6 +298,7 @@ class ModelServer:
         self.batches += 1
         self.batched_requests += size
         self.largest_batch = max(self.largest_batch, size)
+        self.recent_batches.append(size)
         results: list[dict[str, Any] | None] = [None] * size
         now = time.time()
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -311,6 +316,7 @@ class ModelServer:
             groups[key].append(i)
         for (max_tokens, temperature, top_p, stop), idx in groups.items():
             seed = reqs[idx[0]].get("seed")
+            t0 = time.perf_counter()
             try:
                 outs = self.backend.generate(
                     [reqs[i]["prompt"] for i in idx],
@@ -323,6 +329,7 @@ class ModelServer:
             except Exception as e:  # one bad group must not fail the other groups of the batch
                 log.exception("generation failed")
                 outs = [_error(500, f"generation failed: {type(e).__name__}")] * len(idx)
+            self.busy_s += time.perf_counter() - t0
             for i, o in zip(idx, outs, strict=True):
                 results[i] = {**o, "batch_size": size}
         return results  # type: ignore[return-value]
