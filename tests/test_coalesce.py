@@ -86,6 +86,26 @@ def test_a_closed_loop_crowd_stays_together_instead_of_splitting():
     asyncio.run(main())
 
 
+def test_a_slow_client_of_the_crowd_is_waited_for_not_sent_alone():
+    """One client always comes back later than the rest: it must join their call, not run in one of its own."""
+
+    async def main():
+        server = FakeServer(delay_s=0.05)
+        c = Coalescer(server, max_inflight=1)
+        stop = asyncio.get_running_loop().time() + 1.5
+
+        async def client(i: int) -> None:
+            while asyncio.get_running_loop().time() < stop:
+                await c.submit({"id": i})
+                await asyncio.sleep(0.012 if i == 0 else 0.001)
+
+        await asyncio.gather(*(client(i) for i in range(16)))
+        steady = [len(call) for call in server.calls[3:-1]]
+        assert steady and min(steady) >= 15, server.calls
+
+    asyncio.run(main())
+
+
 def test_every_waiter_of_a_failed_call_gets_the_failure():
     async def main():
         server = FakeServer(fail=RuntimeError("replica died"))
