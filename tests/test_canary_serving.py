@@ -84,22 +84,22 @@ def _traffic(stack, rps=20.0):
     return Traffic(f"{stack.base_url}/v1", stack.key(), "canary", ["hello canary world"], rps=rps, max_tokens=4)
 
 
-def _controller(reg, candidate, champion, **cfg):
+def _controller(reg, candidate, champion, *, plan=None, quality_probe=None, **cfg):
     from slipway.serve import control
 
     holder = promotion.holder_id(f"test-{candidate}")
     with reg.session() as s:
         leases.acquire(s, model="canary", holder=holder)
-    plan = CanaryPlan.model_validate(PLAN)
     return Controller(
         reg,
-        plan,
+        plan or CanaryPlan.model_validate(PLAN),
         model="canary",
         candidate=candidate,
         champion=champion,
         holder=holder,
         control=control,
         serving_config=_config(**cfg),
+        quality_probe=quality_probe,
     ), holder
 
 
@@ -249,7 +249,6 @@ def test_a_candidate_whose_answers_turn_wrong_is_rolled_back_by_quality_analysis
 
     from slipway.policies.evalsuite import EvalSuite
     from slipway.rollout.quality import QualityProbe
-    from slipway.serve import control
 
     reg = canary_model
     champion = _production(reg)
@@ -281,20 +280,8 @@ def test_a_candidate_whose_answers_turn_wrong_is_rolled_back_by_quality_analysis
     doc = {**PLAN, "analysis": {**PLAN["analysis"], "metrics": [*PLAN["analysis"]["metrics"], quality]}}
     plan = CanaryPlan.model_validate(doc)
     probe = QualityProbe(plan, {"probe": suite}, min_interval_s=0.5)
-    holder = promotion.holder_id(f"test-quality-{candidate}")
-    with reg.session() as s:
-        leases.acquire(s, model="canary", holder=holder)
-    ctl = Controller(
-        reg,
-        plan,
-        model="canary",
-        candidate=candidate,
-        champion=champion,
-        holder=holder,
-        control=control,
-        serving_config=_config(fault_injection={"error_rate": 0.0, "wrong_answer_rate": 1.0}),
-        quality_probe=probe,
-    )
+    wrong = {"error_rate": 0.0, "wrong_answer_rate": 1.0}
+    ctl, holder = _controller(reg, candidate, champion, plan=plan, quality_probe=probe, fault_injection=wrong)
     with _traffic(stack) as traffic:
         result = ctl.run()
     with reg.session() as s:

@@ -13,10 +13,10 @@ from slipway.serve.coalesce import Coalescer
 class FakeServer:
     """Answers each request with its own id after ``delay_s``; records the size of every call."""
 
-    def __init__(self, delay_s: float = 0.0, fail: Exception | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, fail: Exception | None = None, gated: bool = False) -> None:
         self.delay_s, self.fail = delay_s, fail
         self.calls: list[list[int]] = []
-        self.gate: asyncio.Event | None = None
+        self.gate: asyncio.Event | None = asyncio.Event() if gated else None  # answers wait for gate.set()
 
     async def __call__(self, items: list[dict]) -> list[dict]:
         self.calls.append([it["id"] for it in items])
@@ -26,6 +26,15 @@ class FakeServer:
         if self.fail is not None:
             raise self.fail
         return [{"text": f"answer {it['id']}"} for it in items]
+
+
+async def _slot_taken() -> tuple[FakeServer, Coalescer, asyncio.Future]:
+    """A coalescer with one slot, held by request 0 until ``server.gate`` is set."""
+    server = FakeServer(gated=True)
+    c = Coalescer(server, max_inflight=1)
+    first = asyncio.ensure_future(c.submit({"id": 0}))
+    await asyncio.sleep(0)
+    return server, c, first
 
 
 def test_a_lone_request_leaves_at_once_and_gets_its_own_answer():
@@ -43,11 +52,7 @@ def test_a_lone_request_leaves_at_once_and_gets_its_own_answer():
 
 def test_requests_arriving_while_the_replica_is_busy_leave_together():
     async def main():
-        server = FakeServer()
-        server.gate = asyncio.Event()
-        c = Coalescer(server, max_inflight=1)
-        first = asyncio.ensure_future(c.submit({"id": 0}))
-        await asyncio.sleep(0)
+        server, c, first = await _slot_taken()
         rest = [asyncio.ensure_future(c.submit({"id": i})) for i in range(1, 11)]
         await asyncio.sleep(0.01)
         assert server.calls == [[0]]  # the slot is taken: the others wait here
@@ -108,8 +113,7 @@ def test_a_slow_client_of_the_crowd_is_waited_for_not_sent_alone():
 
 def test_every_waiter_of_a_failed_call_gets_the_failure():
     async def main():
-        server = FakeServer(fail=RuntimeError("replica died"))
-        server.gate = asyncio.Event()
+        server = FakeServer(fail=RuntimeError("replica died"), gated=True)
         c = Coalescer(server)
         tasks = [asyncio.ensure_future(c.submit({"id": i})) for i in range(4)]
         await asyncio.sleep(0)
@@ -123,11 +127,7 @@ def test_every_waiter_of_a_failed_call_gets_the_failure():
 
 def test_a_request_given_up_while_waiting_is_not_sent():
     async def main():
-        server = FakeServer()
-        server.gate = asyncio.Event()
-        c = Coalescer(server, max_inflight=1)
-        first = asyncio.ensure_future(c.submit({"id": 0}))
-        await asyncio.sleep(0)
+        server, c, first = await _slot_taken()
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(c.submit({"id": 1}), 0.01)  # the gateway's per-request timeout
         kept = asyncio.ensure_future(c.submit({"id": 2}))
@@ -141,8 +141,7 @@ def test_a_request_given_up_while_waiting_is_not_sent():
 
 def test_one_call_per_replica_may_be_outstanding():
     async def main():
-        server = FakeServer()
-        server.gate = asyncio.Event()
+        server = FakeServer(gated=True)
         c = Coalescer(server, max_inflight=2)
         tasks = [asyncio.ensure_future(c.submit({"id": i})) for i in range(5)]
         await asyncio.sleep(0.01)
