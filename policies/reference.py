@@ -52,8 +52,10 @@ def markdown() -> str:
                 lines += _object_table(sub, schema)
     lines += ["## Step types", "", "Built-in step types usable in `uses:` of a Pipeline step.", ""]
     lines += ["| step type | inputs | outputs | what it does |", "|---|---|---|---|"]
-    for name in sorted(STEP_TYPES):
-        st = STEP_TYPES[name]
+    # Only slipway's own step types: a test or a plugin that registered one in this process is not built in.
+    builtin = {n: st for n, st in STEP_TYPES.items() if st.func.__module__.startswith("slipway.")}
+    for name in sorted(builtin):
+        st = builtin[name]
         inputs = ", ".join(f"`{f.alias or n}`" for n, f in st.input_model.model_fields.items()) or "—"
         outputs = ", ".join(f"`{o}`" for o in st.outputs) or "—"
         lines.append(f"| `{name}` | {inputs} | {outputs} | {_one_line(st.description)} |")
