@@ -177,15 +177,10 @@ def up(
     serve.start(http_options={"host": host, "port": port})
     base = f"http://{host}:{port}"
     state = read_state()
-    if not started and ingress != state.get("ingress", "proxy"):
-        log.warning("Ray already runs; it keeps the ingress it was started with (%s)", state.get("ingress", "proxy"))
-    _write_state(
-        {
-            "base_url": base,
-            "started_ray": started or state.get("started_ray", False),
-            "ingress": ingress if started else state.get("ingress", "proxy"),
-        }
-    )
+    running = ingress if started else state.get("ingress", "proxy")  # a running cluster keeps its ingress
+    if running != ingress:
+        log.warning("Ray already runs; it keeps the ingress it was started with (%s)", running)
+    _write_state({"base_url": base, "started_ray": started or state.get("started_ray", False), "ingress": running})
     live = control.status()["models"]
     for model, version, cfg in targets:
         if str(version) not in live.get(model, {}):
@@ -197,7 +192,7 @@ def up(
             num_replicas=gateway_replicas,
         )  # fmt: skip
     wait_ready(base, {m for m, _v, _c in targets}, timeout_s=timeout_s)
-    return {"base_url": base, "models": {m: v for m, v, _c in targets}, "started_ray": started, "ingress": ingress}
+    return {"base_url": base, "models": {m: v for m, v, _c in targets}, "started_ray": started, "ingress": running}
 
 
 def wait_ready(base: str, models: set[str], *, timeout_s: float) -> None:

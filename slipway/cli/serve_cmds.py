@@ -91,7 +91,9 @@ def serve_up(
     from slipway.serve import local
 
     if ingress not in local.INGRESS_ENV:
-        raise typer.BadParameter(f"unknown ingress {ingress!r}: use proxy or haproxy", param_hint="--ingress")
+        raise typer.BadParameter(
+            f"unknown ingress {ingress!r}: use {' or '.join(local.INGRESS_ENV)}", param_hint="--ingress"
+        )
     budget_doc = _budget(budget)
     reg = open_registry()
     info = local.up(
