@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo demo-rollback test lint bench clean
+.PHONY: setup demo demo-rollback test lint imports bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,15 +23,24 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/python -m slipway.demo
+	$(BIN)/python -m slipway.cli.demo
 
 # After `make demo`: a candidate that breaks mid-canary is rolled back automatically.
 demo-rollback: setup
-	$(BIN)/python -m slipway.demo --sabotage --skip-promote
+	$(BIN)/python -m slipway.cli.demo --sabotage --skip-promote
 
-test: setup
+test: setup imports
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The dependency contracts of pyproject.toml ([tool.importlinter]). import-linter reads one package from one
+# folder, so the pillars (mapped into slipway.* by package-dir) are copied into one tree under build/ first.
+imports: setup
+	rm -rf build/imports && mkdir -p build/imports
+	cp -r slipway build/imports/slipway
+	for p in registry flows serve policies governance; do cp -r $$p build/imports/slipway/$$p; done
+	find build/imports -name __pycache__ -prune -exec rm -rf {} +
+	cd build/imports && ../../$(BIN)/lint-imports ../../pyproject.toml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -69,12 +69,12 @@ def main() -> None:
     from ray import serve
 
     from slipway.policies.loader import load
-    from slipway.policies.serving import FaultInjection, ServingConfig
+    from slipway.policies.servingconfig import FaultInjection, ServingConfig
     from slipway.registry import Registry, catalog, keys, leases
-    from slipway.rollout import promotion
-    from slipway.rollout.controller import Controller
-    from slipway.rollout.traffic import Traffic
     from slipway.serve import control
+    from slipway.serve.canary import promotion
+    from slipway.serve.canary.controller import Controller
+    from slipway.serve.canary.traffic import Traffic
 
     plan = load(["policies"]).get("CanaryPlan", "standard-canary")
     tmp = tempfile.mkdtemp(prefix="slipway-bench-canary-")

@@ -4,7 +4,7 @@
 
 Loads ``--rows`` usage records (30 days, 8 models x 3 versions, 500 keys in 20 teams, 2 % cache hits) with COPY
 in batches into a scratch schema, plus GPU and CPU deployments, then times the cost report
-(``slipway.costreport.build``: SQL aggregation by model, version, key and day, apportioning by window function,
+(``slipway.governance.costreport.build``: SQL aggregation by model, version, key and day, apportioning by window
 roll-ups, forecast, budgets) twice. The baseline in the same run is the cheapest query any report must do —
 one ``count(*)``/``sum`` scan of the same rows — so the report's cost is printed as a ratio to it. The first
 report sums every whole past day into ``usage_daily`` (what the nightly job does once); the next one re-sums
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import create_engine, text
 
-from slipway import costreport
+from slipway.governance import costreport
 from slipway.policies.costbudget import CostBudget
 from slipway.registry import Registry, catalog, costs, db, deployments, keys
 from slipway.registry.models import Deployment

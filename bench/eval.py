@@ -28,8 +28,8 @@ def main() -> None:
 
     import torch
 
-    from slipway.evaluation.runner import Example, InProcessTarget, run_suite
-    from slipway.llm.loader import load_causal_lm
+    from slipway.evaluation.suite import Example, InProcessTarget, run_suite
+    from slipway.llm.checkpoint import load_causal_lm
     from slipway.llm.tiny import build_tiny_model
     from slipway.policies.evalsuite import EvalSuite
 

@@ -80,8 +80,8 @@ def main() -> int:
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
     from slipway.llm import demodata
+    from slipway.llm.checkpoint import pick_device
     from slipway.llm.finetune import FinetuneSpec, finetune
-    from slipway.llm.loader import pick_device
 
     device = pick_device(args.device)
     lr = 3e-3
@@ -108,7 +108,7 @@ def main() -> int:
         from slipway.flows.steps.finetune import finetune as step
         from slipway.flows.steptypes import StepContext
         from slipway.llm.bootstrap import Recipe, bootstrap
-        from slipway.llm.loader import local_dir, version_artifact
+        from slipway.llm.checkpoint import local_dir, version_artifact
         from slipway.registry import Registry
 
         reg = Registry(f"sqlite:///{home / 'registry.db'}", actor="bench")

@@ -57,8 +57,8 @@ def pct(xs: list[float], q: float) -> float:
 def bench_limit(model_dir: Path, seconds: float, concurrency=CONCURRENCY) -> dict[int, dict[str, float]]:
     import torch
 
+    from slipway.llm.checkpoint import load_causal_lm
     from slipway.llm.generate import generate
-    from slipway.llm.loader import load_causal_lm
 
     model, tok = load_causal_lm(str(model_dir), device="cpu")
     ps = prompts(tok, 64)
@@ -121,7 +121,7 @@ FASTAPI_APP = """
 import sys
 from fastapi import FastAPI
 from slipway.llm.generate import generate
-from slipway.llm.loader import load_causal_lm
+from slipway.llm.checkpoint import load_causal_lm
 model, tok = load_causal_lm(sys.argv[1], device="cpu")
 app = FastAPI()
 @app.post("/gen")
@@ -224,7 +224,7 @@ def main() -> None:
     from ray import serve
 
     from slipway.llm.tiny import build_tiny_model
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.servingconfig import ServingConfig
     from slipway.registry import Registry, keys
     from slipway.serve import control
 

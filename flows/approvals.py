@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from slipway.errors import SlipwayError
+from slipway.flows.errors import FlowError
 
 if TYPE_CHECKING:
     from slipway.flows.steptypes import StepContext
@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 POLL_SECONDS = 1
 
 
-class ApprovalError(SlipwayError):
+class ApprovalError(FlowError):
     """An approval cannot be given: no such run, nothing waiting, wrong role, or Prefect refused the resume."""
 
 
-class Rejected(RuntimeError):
+class Rejected(FlowError, RuntimeError):
     """The approver rejected: the approve step fails."""
 
 
@@ -206,3 +206,38 @@ def _resume(flow_run_id: str, approval_id: int) -> None:
         raise ApprovalError("the run stopped waiting (its approval timed out); nothing was recorded") from e
     except Exception as e:  # NotPausedError, API errors: the approval is rolled back
         raise ApprovalError(f"Prefect did not resume flow run {flow_run_id}: {e}; nothing was recorded") from e
+
+
+def wait_for_distinct_approvals(
+    ctx: StepContext,
+    *,
+    subject: str,
+    role: str | None,
+    count: int,
+    timeout: float,
+    step_type: str,
+) -> Given | None:
+    """Pause until ``count`` distinct approvers (of ``role``) approve ``subject``; the rejection, if one came.
+
+    Each approval resumes the run (``slipway approve RUN_ID --role ROLE``); the same approver twice counts once.
+    """
+    approvers: set[str] = set()
+    attempt = 0
+    while len(approvers) < count:
+        attempt += 1
+        given = wait_for_approval(
+            ctx,
+            subject=subject,
+            role=role,
+            timeout=timeout,
+            step_type=step_type,
+            key=f"{subject.replace(':', '-')}-{attempt}",
+        )
+        if given.decision != "approved":
+            return given
+        if given.approver in approvers:
+            ctx.logger.info(
+                "%s already approved; %d distinct approvals still needed", given.approver, count - len(approvers)
+            )
+        approvers.add(given.approver)
+    return None

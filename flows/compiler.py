@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from slipway.errors import SlipwayError
-from slipway.flows.steptypes import STEP_TYPES, StepContext, StepType, from_function
+from slipway.flows.errors import FlowError
+from slipway.flows.steptypes import StepContext, StepType, discover, from_function
 from slipway.policies import expressions as ex
 from slipway.policies.errors import PolicyError, did_you_mean, one_of
 from slipway.policies.loader import DocumentSet, Loaded, data_path, friendly, iter_docrefs, missing_message
@@ -30,11 +30,11 @@ from slipway.policies.pipeline import PYTHON_PREFIX, Param, Pipeline, Step
 Found = tuple[tuple[str | int, ...], str] | tuple[tuple[str | int, ...], str, bool]
 
 
-class ParamError(SlipwayError, ValueError):
+class ParamError(FlowError, ValueError):
     """A run was given a param the pipeline does not declare, lacks a required one, or has a mistyped one."""
 
 
-class StepTypeError(LookupError):
+class StepTypeError(FlowError, LookupError):
     """``uses:`` names no step type (raised inside the compiler, reported as a policy issue)."""
 
 
@@ -70,9 +70,10 @@ def resolve_step_type(uses: str) -> StepType:
     """The step type ``uses`` names; :class:`StepTypeError` with a suggestion if there is none."""
     if uses.startswith(PYTHON_PREFIX):
         return _python_step_type(uses)
-    st = STEP_TYPES.get(uses)
+    known = discover()
+    st = known.get(uses)
     if st is None:
-        hint = did_you_mean(uses, STEP_TYPES) or f" (known: {one_of(list(STEP_TYPES), limit=12)})"
+        hint = did_you_mean(uses, known) or f" (known: {one_of(list(known), limit=12)})"
         raise StepTypeError(f"unknown step type {uses!r}{hint}")
     return st
 
@@ -360,12 +361,11 @@ def load_plan(ref: str, *, policies: str | None = None) -> tuple[Plan, DocumentS
     """The plan of pipeline ``ref`` (a YAML file, or the name of a Pipeline under ``policies``) and the
     documents it may reference. Raises :class:`PolicyError` listing every problem.
     """
-    import os
     from pathlib import Path
 
     from slipway.policies import loader
 
-    policies_dir = Path(policies or os.environ.get("SLIPWAY_POLICIES") or loader.default_dir())
+    policies_dir = Path(policies or loader.default_dir())
     path = Path(ref)
     context: DocumentSet | None = None
     if policies_dir.is_dir():

@@ -24,6 +24,7 @@ from prefect.states import Completed, Failed
 from pydantic import ValidationError
 
 from slipway.flows.compiler import Plan, PlannedStep, load_plan, resolve_params
+from slipway.flows.errors import FlowError
 from slipway.flows.steptypes import StepContext
 from slipway.policies import expressions as ex
 from slipway.policies.loader import DocumentSet
@@ -37,11 +38,11 @@ log = logging.getLogger("slipway.runner")
 _registry: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("slipway_registry", default=None)
 
 
-class StepInputError(ValueError):
+class StepInputError(FlowError, ValueError):
     """A step's rendered inputs do not fit its input model (known only once upstream outputs exist)."""
 
 
-class PipelineFailed(RuntimeError):
+class PipelineFailed(FlowError, RuntimeError):
     """The pipeline run ended failed (its record says why)."""
 
 
@@ -67,9 +68,7 @@ def _open_registry() -> Registry:
     reg = _registry.get()
     if reg is not None:
         return reg
-    from slipway.cli._context import open_registry
-
-    return open_registry()
+    return Registry.open()
 
 
 @flow(name="slipway-pipeline", flow_run_name="{pipeline}", log_prints=False, validate_parameters=True)

@@ -17,7 +17,10 @@ expectations) inside the function body, so that loading and validating policies 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
+import pkgutil
+import threading
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +29,8 @@ from pydantic import BaseModel
 
 if typing.TYPE_CHECKING:
     from slipway.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -61,6 +66,35 @@ class StepType:
 
 
 STEP_TYPES: dict[str, StepType] = {}
+ENTRY_POINT_GROUP = "slipway.steps"
+_discovered = False
+_lock = threading.Lock()
+
+
+def discover() -> dict[str, StepType]:
+    """Every step type: slipway's own (each module of :mod:`slipway.flows.steps`) and those of installed
+    distributions (the ``slipway.steps`` entry-point group: ``name = "package.module"``). Imported once."""
+    global _discovered
+    if not _discovered:
+        with _lock:
+            if not _discovered:
+                pkg = importlib.import_module("slipway.flows.steps")
+                for info in pkgutil.iter_modules(pkg.__path__):
+                    if not info.name.startswith("_"):
+                        importlib.import_module(f"slipway.flows.steps.{info.name}")
+                _load_entry_points()
+                _discovered = True
+    return STEP_TYPES
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception:  # a broken third-party plugin must not hide the built-in step types
+            log.exception("cannot load slipway step plugin %s", ep.value)
 
 
 def step_type(

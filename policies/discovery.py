@@ -1,10 +1,13 @@
-"""The one place where document kinds, step types and checks are discovered.
+"""Where document kinds come from: every module of ``slipway.policies`` and the ``slipway.kinds`` entry points.
 
-Every module of ``slipway.policies`` (kinds, registered with ``@register_kind``) and of
-``slipway.flows.steps`` (step types, ``@step_type``) is imported, plus the pipeline compiler's checks and
-modules named by the ``slipway.plugins`` entry-point group of installed distributions. A new kind or step
-type needs only its module; nothing here changes. Modules starting with ``_`` are helpers and are skipped.
-Step modules must import heavy libraries (torch, ray, great_expectations) inside functions.
+A kind registers itself with ``@register_kind`` when its module is imported; this module imports each of
+slipway's own kind modules once, plus the modules named by the ``slipway.kinds`` entry-point group of
+installed distributions. A new kind needs only its module. Modules starting with ``_`` are helpers and are
+skipped.
+
+Step types are not discovered here: the documents know no orchestrator. They register themselves from
+:mod:`slipway.flows` (:func:`slipway.flows.steptypes.discover`), and importing :mod:`slipway.flows.compiler`
+adds the Pipeline check to the loader (:func:`slipway.policies.loader.register_check`).
 """
 
 from __future__ import annotations
@@ -16,37 +19,33 @@ import threading
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("slipway.policies", "slipway.flows.steps")
-ALSO = ("slipway.flows.compiler",)
-ENTRY_POINT_GROUP = "slipway.plugins"
+PACKAGE = "slipway.policies"
+ENTRY_POINT_GROUP = "slipway.kinds"
 
 _done = False
 _lock = threading.Lock()
 
 
-def load_plugins() -> None:
-    """Import every kind and step module once (cheap after the first call)."""
+def load_kinds() -> None:
+    """Import every kind module once (cheap after the first call)."""
     global _done
     if _done:
         return
     with _lock:
         if _done:
             return
-        for package in PACKAGES:
-            pkg = importlib.import_module(package)
-            for info in pkgutil.iter_modules(pkg.__path__):
-                if not info.name.startswith("_"):
-                    importlib.import_module(f"{package}.{info.name}")
-        for module in ALSO:
-            importlib.import_module(module)
-        _load_entry_points()
+        pkg = importlib.import_module(PACKAGE)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{PACKAGE}.{info.name}")
+        _load_entry_points(ENTRY_POINT_GROUP)
         _done = True
 
 
-def _load_entry_points() -> None:
+def _load_entry_points(group: str) -> None:
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=group):
         try:
             ep.load()
         except Exception:  # a broken third-party plugin must not hide the built-in kinds

@@ -34,7 +34,7 @@ class MetricSpec(Strict):
 
     @model_validator(mode="after")
     def known_metric_with_its_parameters(self) -> MetricSpec:
-        from slipway.evaluation.metrics import BUILTIN
+        from slipway.metrics import BUILTIN
 
         if self.uses is None and self.name not in BUILTIN:
             raise ValueError(

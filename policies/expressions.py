@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from slipway.policies.errors import PolicyError
+
 TEMPLATE = re.compile(r"\$\{\{(.*?)\}\}", re.S)
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -31,7 +33,7 @@ FUNCTIONS = ("success", "failure", "always")
 CONTEXTS = ("params", "steps")
 
 
-class ExpressionError(ValueError):
+class ExpressionError(PolicyError):
     """An expression that cannot be parsed; ``offset`` is where in the expression text."""
 
     def __init__(self, message: str, offset: int = 0):

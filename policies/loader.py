@@ -27,7 +27,10 @@ DEFAULT_DIR = "policies"
 
 
 def default_dir() -> str:
-    """``./policies`` when it exists, else the policies shipped with slipway (so commands work anywhere)."""
+    """``SLIPWAY_POLICIES`` when set, else ``./policies`` when it exists, else the policies shipped with
+    slipway (so commands work anywhere). Every command that reads policies starts here."""
+    if os.environ.get("SLIPWAY_POLICIES"):
+        return os.environ["SLIPWAY_POLICIES"]
     if Path(DEFAULT_DIR).is_dir():
         return DEFAULT_DIR
     return str(Path(__file__).resolve().parent)
@@ -208,9 +211,9 @@ def collect_texts(
     texts: Iterable[tuple[str, str]], *, context: DocumentSet | None = None
 ) -> tuple[DocumentSet, list[Issue]]:
     """Parse, validate and cross-check documents given as ``(file, text)`` pairs."""
-    from slipway.policies.discovery import load_plugins
+    from slipway.policies.discovery import load_kinds
 
-    load_plugins()
+    load_kinds()
     issues: list[Issue] = []
     loaded: list[Loaded] = []
     for file, text in texts:

@@ -1,9 +1,10 @@
 """The ``Registry``: an engine plus transactions that carry who is acting.
 
-Registry operations are plain functions in ``catalog``, ``runs``, ``evals``, ``serving`` and ``governance``
-that take the session first; the caller owns the transaction::
+Registry operations are plain functions in ``catalog``, ``leases``, ``runs``, ``evals``, ``keys``, ``usage``,
+``costs``, ``findings``, ``deployments`` and ``audit`` that take the session first; the caller owns the
+transaction::
 
-    reg = Registry.from_settings()
+    reg = Registry.open()
     with reg.session(actor="ana") as s:
         v = catalog.create_version(s, model="demo", params={"lr": 1e-4})
 """
@@ -40,6 +41,24 @@ class Registry:
 
         settings = get_settings()
         return cls(settings.resolved_database_url, actor=actor or settings.resolved_actor)
+
+    @classmethod
+    def open(cls, *, actor: str | None = None, migrate_embedded: bool = True) -> Registry:
+        """The registry of ``SLIPWAY_DATABASE_URL``, checked to be reachable and migrated.
+
+        The embedded SQLite default is migrated on first use, as a laptop user expects; a PostgreSQL registry
+        must be migrated on purpose with ``slipway db upgrade`` (a production schema change is a decision).
+        Raises :class:`DatabaseUnavailable` when the database cannot be reached or is not migrated.
+        """
+        reg = cls.from_settings(actor=actor)
+        try:
+            reg.check()
+        except DatabaseUnavailable:
+            embedded_and_new = reg.engine.dialect.name == "sqlite" and db.current_revision(reg.engine) is None
+            if not (migrate_embedded and embedded_and_new):
+                raise
+            reg.upgrade()
+        return reg
 
     @property
     def url(self) -> str:

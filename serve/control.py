@@ -19,7 +19,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from slipway.policies.serving import ServingConfig
+from slipway.policies.servingconfig import ServingConfig
 from slipway.serve.errors import ControlError
 from slipway.serve.routing import normalize_weights
 
@@ -111,7 +111,7 @@ def deploy_version(
     if cfg.backend == "hf" and uri is None:
         if registry is None:
             raise ControlError(f"{model}:{version}: pass uri= or registry= to find its weights")
-        from slipway.llm.loader import version_artifact
+        from slipway.llm.checkpoint import version_artifact
 
         _ref, uri, sha256 = version_artifact(registry, f"{model}:{version}")
     if registry is not None:

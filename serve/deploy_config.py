@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from slipway.policies.serving import ServingConfig
+from slipway.policies.servingconfig import ServingConfig
 
 
 @dataclass(frozen=True)

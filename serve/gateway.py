@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from slipway.policies.serving import ServingConfig
+from slipway.policies.servingconfig import ServingConfig
 from slipway.serve import protocol as p
 from slipway.serve.auth import Authenticator, JwtConfig, Principal
 from slipway.serve.budget import BudgetGuard, Reservation
@@ -171,7 +171,7 @@ def _secret(value: str | None) -> str | None:
 
 
 def _prompt_logger(doc: dict[str, Any] | None) -> Any:
-    from slipway.promptlog import PromptLogger, PromptLogSettings
+    from slipway.serve.promptlog import PromptLogger, PromptLogSettings
 
     if not doc or not doc.get("models"):
         return None

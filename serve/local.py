@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slipway.errors import SlipwayError
-from slipway.policies.serving import ServingConfig
+from slipway.policies.servingconfig import ServingConfig
+from slipway.serve.errors import ServeError
 
 if TYPE_CHECKING:
     from slipway.registry import Registry
@@ -39,7 +39,7 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
 }
 
 
-class ServeUnavailable(SlipwayError):
+class ServeUnavailable(ServeError):
     """No Ray cluster or Serve instance can be reached, or it did not come up in time."""
 
 
@@ -146,7 +146,7 @@ def production_targets(
             v = catalog.resolve(s, f"{name}@production")
             out.append((name, v.version, configs.get(name) or ServingConfig.for_model(name)))
     if not out:
-        raise SlipwayError("no model has a production version: promote one, or pass --model with a production alias")
+        raise ServeError("no model has a production version: promote one, or pass --model with a production alias")
     return out
 
 
@@ -172,7 +172,7 @@ def up(
 
     targets = production_targets(registry, models, configs or {})
     if ingress not in INGRESS_ENV:
-        raise SlipwayError(f"unknown ingress {ingress!r}; choose one of {', '.join(INGRESS_ENV)}")
+        raise ServeError(f"unknown ingress {ingress!r}; choose one of {', '.join(INGRESS_ENV)}")
     started = connect(start=True, ingress=ingress)
     serve.start(http_options={"host": host, "port": port})
     base = f"http://{host}:{port}"

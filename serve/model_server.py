@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import serve
 
-from slipway.policies.serving import ServingConfig
+from slipway.policies.servingconfig import ServingConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EchoBackend(_Backend):
 
 class HFBackend(_Backend):
     def __init__(self, uri: str, sha256: str | None, device: str | None, dtype: str | None) -> None:
-        from slipway.llm.loader import load_causal_lm
+        from slipway.llm.checkpoint import load_causal_lm
 
         self.model, self.tok = load_causal_lm(uri, device=device, dtype=dtype, sha256=sha256)
         self.device = next(self.model.parameters()).device

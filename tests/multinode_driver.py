@@ -88,7 +88,7 @@ def deploy(port: int, metrics_urls: list[str]) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.servingconfig import ServingConfig
     from slipway.serve import control
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
@@ -104,7 +104,7 @@ def deploy(port: int, metrics_urls: list[str]) -> dict[str, Any]:
     control.deploy_version("echo", 1, config=cfg)
     codes = _ask(port, 20)
     # A broken v2 (no GPU) beside it for a moment, so the error counter is exported too.
-    from slipway.policies.serving import FaultInjection
+    from slipway.policies.servingconfig import FaultInjection
 
     broken = ServingConfig.for_model(
         "echo", backend="echo", ray_actor_options={"num_cpus": 0.1}, fault_injection=FaultInjection(error_rate=1.0)
@@ -145,7 +145,7 @@ def haproxy(port: int) -> dict[str, Any]:
     import openai
     from ray import serve
 
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.servingconfig import ServingConfig
     from slipway.serve import control
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from slipway.flows.steptypes import StepContext, step_type
+from slipway.flows.steptypes import StepContext
 from slipway.policies.kinds import Strict
 
 
@@ -92,7 +92,7 @@ def busy(inp: BusyInput) -> BusyOutput:
     return BusyOutput(done=True)
 
 
-# A registered step type with a compensation, for the runner's undo test.
+# A step type with a compensation, for the runner's undo test.
 class ReserveInput(Strict):
     ledger: str = Field(description="File the step appends to; its undo appends a release.")
     item: str
@@ -108,7 +108,7 @@ def _release(ctx: StepContext, outputs: dict) -> str:
     return f"released {outputs['item']}"
 
 
-@step_type("test_reserve", undo=_release)
+# Registered as ``test_reserve`` (with ``_release`` as its undo) by the test that uses it, for that test only.
 def reserve(ctx: StepContext, inp: ReserveInput) -> ReserveOutput:
     with open(inp.ledger, "a") as f:
         f.write(f"reserve {inp.item}\n")

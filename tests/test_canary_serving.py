@@ -12,12 +12,12 @@ import time
 
 import pytest
 
-from slipway.policies.canary import CanaryPlan
-from slipway.policies.serving import ServingConfig
+from slipway.policies.canaryplan import CanaryPlan
+from slipway.policies.servingconfig import ServingConfig
 from slipway.registry import audit, catalog, deployments, leases
-from slipway.rollout import promotion
-from slipway.rollout.controller import Controller
-from slipway.rollout.traffic import Traffic
+from slipway.serve.canary import promotion
+from slipway.serve.canary.controller import Controller
+from slipway.serve.canary.traffic import Traffic
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -180,10 +180,10 @@ def test_a_healthy_candidate_is_promoted_and_its_history_recorded(stack, canary_
 SCRIPT = """
 import ray, sys
 from slipway.registry import Registry, leases
-from slipway.policies.canary import CanaryPlan
-from slipway.policies.serving import ServingConfig
-from slipway.rollout import promotion
-from slipway.rollout.controller import Controller
+from slipway.policies.canaryplan import CanaryPlan
+from slipway.policies.servingconfig import ServingConfig
+from slipway.serve.canary import promotion
+from slipway.serve.canary.controller import Controller
 from slipway.serve import control
 ray.init(address=sys.argv[1], namespace="slipway", log_to_driver=False)
 reg = Registry(sys.argv[2], actor="doomed")
@@ -248,7 +248,7 @@ def test_a_candidate_whose_answers_turn_wrong_is_rolled_back_by_quality_analysis
     import json
 
     from slipway.policies.evalsuite import EvalSuite
-    from slipway.rollout.quality import QualityProbe
+    from slipway.serve.canary.quality import QualityProbe
 
     reg = canary_model
     champion = _production(reg)
@@ -298,7 +298,7 @@ def test_a_candidate_whose_answers_turn_wrong_is_rolled_back_by_quality_analysis
 def test_the_canary_steps_undo_returns_a_fully_rolled_out_unpromoted_candidate_to_production(stack, canary_model):
     """What the runner calls when a step after a succeeded canary fails (say `promote`): the candidate at 100 %
     but never promoted goes away, production is back at 100 %."""
-    from slipway.flows.steps.rollout import _undo_canary
+    from slipway.flows.steps.canary import _undo_canary
     from slipway.flows.steptypes import StepContext
     from slipway.serve import control
 

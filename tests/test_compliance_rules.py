@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from slipway import compliance, modelcard
+from slipway import modelcard
 from slipway.artifacts import open_store
-from slipway.policies.compliance import ComplianceRules
+from slipway.governance import compliance
+from slipway.policies.compliancerules import ComplianceRules
 from slipway.registry import catalog, evals, keys, usage
 from slipway.registry.models import ApiKey, AuditEvent, Dataset, GateDecision, Model, ModelVersion
 
@@ -202,8 +203,8 @@ def test_findings_are_diffed_new_then_still_open_then_resolved(registry, store):
 
 def test_a_blocking_finding_makes_the_next_gate_refuse_with_its_reason(registry, store):
     from slipway.evaluation.gate import SuiteScores, decide
-    from slipway.evaluation.gating import blocking_findings
-    from slipway.policies.gate import GatePolicy
+    from slipway.flows.steps.gate import blocking_findings
+    from slipway.policies.gatepolicy import GatePolicy
 
     clean(registry, store)
     with registry.session() as s:

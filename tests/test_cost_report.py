@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from slipway import costreport
+from slipway.governance import costreport
 from slipway.policies.costbudget import CostBudget
 from slipway.registry import catalog, deployments, keys, usage
 from slipway.registry.models import Deployment

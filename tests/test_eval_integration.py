@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from slipway.evaluation import gating, service
+from slipway.evaluation import service
+from slipway.flows.steps import gate as gating
 from slipway.policies.evalsuite import EvalSuite
-from slipway.policies.gate import GatePolicy
+from slipway.policies.gatepolicy import GatePolicy
 from slipway.registry import catalog, evals
 from slipway.registry.catalog import ArtifactSpec
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from slipway.evaluation import stats
+from slipway import stats
 
 
 @pytest.mark.parametrize("b, c", [(9, 2), (3, 3), (0, 5), (12, 0), (25, 14)], ids=str)

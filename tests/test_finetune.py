@@ -131,7 +131,8 @@ def test_demo_gate_passes_the_clean_fine_tune_and_fails_the_corrupted_one_with_r
     """The shipped demo-gate against tiny-base on the shipped suites: the clean fine-tune passes; the wrong-label
     one — which still beats a base that never answers in the schema — fails on the absolute floor, and the
     decision's reasons name the metric, both means and the interval."""
-    from slipway.evaluation import gating, service
+    from slipway.evaluation import service
+    from slipway.flows.steps import gate as gating
     from slipway.policies import loader
 
     docs = loader.load([REPO / "policies"])

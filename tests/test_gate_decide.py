@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from slipway.evaluation.gate import GateInputError, SuiteScores, decide
-from slipway.policies.gate import GatePolicy
+from slipway.policies.gatepolicy import GatePolicy
 
 
 def policy(*rules, **kw) -> GatePolicy:

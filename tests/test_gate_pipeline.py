@@ -82,9 +82,9 @@ def _wait_paused(reg, step, deadline=180.0):
 
 
 def test_gate_waits_for_an_approval_by_the_role_then_completes(prefect_api, setup):
-    from slipway.evaluation import gating
     from slipway.flows import runner
     from slipway.flows.approvals import ApprovalError, give_approval
+    from slipway.flows.steps import gate as gating
 
     reg, tmp = setup
     box: dict = {}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import slipway
-from slipway.policies.serving import ServingConfig
+from slipway.policies.servingconfig import ServingConfig
 from slipway.serve.deploy_config import Target, kuberay_service, serve_config
 
 ROOT = Path(__file__).resolve().parent.parent

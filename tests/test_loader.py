@@ -11,7 +11,7 @@ import pytest
 from slipway.artifacts import ChecksumMismatch
 from slipway.artifacts.file import FileStore
 from slipway.artifacts.s3 import S3Store
-from slipway.llm.loader import ModelLoadError, load_causal_lm
+from slipway.llm.checkpoint import ModelLoadError, load_causal_lm
 
 
 @pytest.fixture(scope="session")

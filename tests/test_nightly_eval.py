@@ -28,7 +28,7 @@ metrics: [{name: perplexity}, {name: exact_match}]
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     import torch
 
-    from slipway.llm.loader import load_causal_lm
+    from slipway.llm.checkpoint import load_causal_lm
     from slipway.llm.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("nightly")

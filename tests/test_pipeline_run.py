@@ -152,11 +152,17 @@ def test_too_few_retries_fail_with_the_last_error(run_yaml, sqlite_registry, tmp
     assert (steps["shaky"].attempts, steps["shaky"].error) == (2, "RuntimeError: flaky failure 2 of 2")
 
 
-def test_a_later_failure_undoes_succeeded_steps_that_can_be_undone_latest_first(run_yaml, sqlite_registry, tmp_path):
+def test_a_later_failure_undoes_succeeded_steps_that_can_be_undone_latest_first(
+    run_yaml, sqlite_registry, tmp_path, request
+):
     """A saga's compensation: `canary` registers such an undo (back to the committed production at 100 %), so a
     canary whose promotion fails does not stay at 100 %."""
-    import tests.pipeline_steps  # noqa: F401  registers step type test_reserve
+    from slipway.flows.steptypes import STEP_TYPES, step_type
     from slipway.registry import audit
+    from tests.pipeline_steps import _release, reserve
+
+    step_type("test_reserve", undo=_release)(reserve)
+    request.addfinalizer(lambda: STEP_TYPES.pop("test_reserve"))
 
     ledger = tmp_path / "ledger"
     result = run_yaml(

@@ -48,9 +48,11 @@ def _ref_step(ctx: StepContext, inp: RefInput) -> RefOutput:
 @pytest.fixture
 def test_kinds() -> Iterator[None]:
     """Kinds and a step type with references, registered for one test only."""
-    from slipway.policies.discovery import load_plugins
+    from slipway.flows.steptypes import discover
+    from slipway.policies.discovery import load_kinds
 
-    load_plugins()
+    load_kinds()
+    discover()
     register_kind(TargetDoc)
     register_kind(RefDoc)
     step_type("test_ref")(_ref_step)

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from slipway import promptlog, retention
 from slipway.artifacts import open_store
-from slipway.promptlog import KmsEncryptor, PromptLogError, PromptLogger, TransitEncryptor, redact
+from slipway.governance import retention
 from slipway.secrets import VaultClient, VaultSettings
+from slipway.serve import promptlog
+from slipway.serve.promptlog import KmsEncryptor, PromptLogError, PromptLogger, TransitEncryptor, redact
 
 # One worker runs the whole module in order, so the last test sees every log line the others produced.
 pytestmark = [pytest.mark.usefixtures("all_log_lines"), pytest.mark.xdist_group("promptlog")]

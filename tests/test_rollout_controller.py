@@ -11,10 +11,10 @@ import datetime as dt
 
 import pytest
 
-from slipway.policies.canary import CanaryPlan
+from slipway.policies.canaryplan import CanaryPlan
 from slipway.registry import AliasConflict, LeaseHeld, audit, catalog, deployments, leases, runs
-from slipway.rollout import promotion
-from slipway.rollout.controller import Controller
+from slipway.serve.canary import promotion
+from slipway.serve.canary.controller import Controller
 
 
 class Clock:

@@ -202,10 +202,10 @@ def test_budget_hard_limit_holds_under_32_concurrent_streams_then_refuses_the_te
 def test_opted_in_model_exchanges_are_logged_redacted_and_encrypted(stack, prompt_log_vault):
     """The gateway logs exchanges with ``tiny`` (opted in): the stored object holds only Vault-transit ciphertext,
     and decrypted, the prompt has its email and card number redacted; ``echo`` (not opted in) is not logged."""
-    from slipway import promptlog
     from slipway.artifacts import open_store
-    from slipway.promptlog import TransitEncryptor
     from slipway.secrets import VaultClient, VaultSettings
+    from slipway.serve import promptlog
+    from slipway.serve.promptlog import TransitEncryptor
     from tests.plugins.serving import PROMPT_LOG_KEY
 
     client = stack.client(stack.key())

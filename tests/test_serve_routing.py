@@ -159,7 +159,7 @@ def test_reconfigure_changes_batch_size_on_every_replica_without_restart(stack):
 
 
 def test_adding_and_removing_a_version_under_load_loses_no_request(stack):
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.servingconfig import ServingConfig
     from slipway.serve import control
 
     cfg = ServingConfig.for_model(ECHO, backend="echo", ray_actor_options={"num_cpus": 0.1})

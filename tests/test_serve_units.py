@@ -9,7 +9,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from slipway.policies.serving import ServingConfig
+from slipway.policies.servingconfig import ServingConfig
 from slipway.serve.errors import ControlError, RateLimited
 from slipway.serve.ratelimit import LocalLimiter, RedisLimiter
 from slipway.serve.routing import choose, normalize_weights, shadow_targets

@@ -33,7 +33,7 @@ class ComplianceOutput(Strict):
 @step_type("compliance_check")
 def compliance_check(ctx: StepContext, inp: ComplianceInput) -> ComplianceOutput:
     """Apply compliance rules to the registry and record the findings."""
-    from slipway import compliance
+    from slipway.governance import compliance
     from slipway.serve import local
 
     rules = ctx.documents.get("ComplianceRules", inp.rules)

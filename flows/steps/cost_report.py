@@ -43,8 +43,8 @@ class CostReportOutput(Strict):
 @step_type("cost_report")
 def cost_report(ctx: StepContext, inp: CostReportInput) -> CostReportOutput:
     """Compute the cost report and write it to the artifact store."""
-    from slipway import costreport
     from slipway.artifacts import open_store
+    from slipway.governance import costreport
 
     budget = ctx.documents.get("CostBudget", inp.budget)
     since = until = None

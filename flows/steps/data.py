@@ -11,12 +11,12 @@ from typing import Annotated
 
 from pydantic import Field
 
-from slipway.errors import SlipwayError
+from slipway.flows.errors import FlowError
 from slipway.flows.steptypes import StepContext, step_type
 from slipway.policies.kinds import DocRef, Strict
 
 
-class DataValidationFailed(SlipwayError):
+class DataValidationFailed(FlowError):
     """A dataset does not meet its DataSuite; the message lists the failing expectations."""
 
 
@@ -39,7 +39,8 @@ class ValidateDataOutput(Strict):
 @step_type("validate_data")
 def validate_data(ctx: StepContext, inp: ValidateDataInput) -> ValidateDataOutput:
     """Check a dataset against a DataSuite with Great Expectations; stop the pipeline if it fails."""
-    from slipway import datacheck, datasets
+    from slipway import datasets
+    from slipway.flows.steps import _datacheck as datacheck
     from slipway.registry import catalog
 
     suite = ctx.documents.get("DataSuite", inp.suite)

@@ -19,14 +19,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from slipway.errors import SlipwayError
+from slipway.flows.errors import FlowError
 from slipway.flows.steptypes import StepContext, step_type
 from slipway.policies.kinds import Strict
 
 FINGERPRINT_SCHEME = "slipway-finetune/1"
 
 
-class FinetuneError(SlipwayError):
+class FinetuneError(FlowError):
     """A fine-tune cannot start (unknown base, dataset that failed validation, ...)."""
 
 
@@ -141,7 +141,7 @@ def finetune(ctx: StepContext, inp: FinetuneInput) -> FinetuneOutput:
     from slipway import datasets
     from slipway.artifacts import materialize_dir, open_store
     from slipway.llm import finetune as ft
-    from slipway.llm.loader import version_artifact
+    from slipway.llm.checkpoint import version_artifact
     from slipway.registry import catalog
     from slipway.registry.models import Dataset, PipelineRun
 

@@ -44,7 +44,8 @@ class NightlyOutput(Strict):
 @step_type("nightly_eval")
 def nightly_eval(ctx: StepContext, inp: NightlyInput) -> NightlyOutput:
     """Evaluate production versions and flag drift against the previous nightly run."""
-    from slipway.evaluation import drift, service
+    from slipway.evaluation import service
+    from slipway.flows.steps import _drift as drift
     from slipway.flows.steps.generic import NotifyInput, notify
 
     runs, lines, finding_ids = [], [], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -9,18 +10,16 @@ if TYPE_CHECKING:
 
 
 def open_registry(*, migrate_embedded: bool = True) -> Registry:
-    """The registry of ``SLIPWAY_DATABASE_URL``, checked to be reachable and migrated.
+    """The registry of ``SLIPWAY_DATABASE_URL``, reachable and migrated (see :meth:`Registry.open`)."""
+    from slipway.registry import Registry
 
-    The embedded SQLite default is migrated on first use, as a laptop user expects; a PostgreSQL registry
-    must be migrated on purpose with ``slipway db upgrade`` (a production schema change is a decision).
-    """
-    from slipway.registry import DatabaseUnavailable, Registry, db
+    return Registry.open(migrate_embedded=migrate_embedded)
 
-    reg = Registry.from_settings()
-    try:
-        reg.check()
-    except DatabaseUnavailable:
-        if not (migrate_embedded and reg.engine.dialect.name == "sqlite" and db.current_revision(reg.engine) is None):
-            raise
-        reg.upgrade()
-    return reg
+
+def policy_loader() -> ModuleType:
+    """:mod:`slipway.policies.loader`, with every check in place: importing the compiler adds the Pipeline
+    check (step types, ``needs``, references), which the documents alone do not know."""
+    import slipway.flows.compiler  # noqa: F401  registers the Pipeline check
+    from slipway.policies import loader
+
+    return loader

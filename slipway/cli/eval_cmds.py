@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from slipway.cli._context import open_registry
+from slipway.cli._context import open_registry, policy_loader
 from slipway.cli._output import emit_json, table
 
 eval_app = typer.Typer(help="Evaluate versions on EvalSuites and compare runs.", no_args_is_help=True)
@@ -36,9 +36,8 @@ def eval_run(
     from rich.progress import Progress
 
     from slipway.evaluation import service
-    from slipway.policies.loader import default_dir, load
-
-    docs = load(policies or [default_dir()])
+    loader = policy_loader()
+    docs = loader.load(policies or [loader.default_dir()])
     spec = docs.get("EvalSuite", suite)
     reg = open_registry()
     with Progress(transient=True, disable=as_json) as bar:
@@ -91,7 +90,7 @@ def eval_compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Paired comparison of two runs on their common examples: difference, interval and p-value per metric."""
-    from slipway.evaluation import stats
+    from slipway import stats
     from slipway.registry import InvalidArgument, evals
 
     reg = open_registry()
@@ -161,7 +160,7 @@ def gate_explain(
     decision_id: Annotated[int, typer.Argument(help="GateDecision id.")], as_json: JsonOpt = False
 ) -> None:
     """Print a gate decision: outcome and every reason, with values, intervals and approvals."""
-    from slipway.evaluation import gating
+    from slipway.flows.steps import gate as gating
     from slipway.registry import evals
 
     reg = open_registry()

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _when(value: str | None, flag: str) -> dt.datetime | None:
-    from slipway.costreport import CostReportError
+    from slipway.governance.costreport import CostReportError
 
     if value is None:
         return None
@@ -49,7 +49,7 @@ def cost_report(
     as_json: JsonOpt = False,
 ) -> None:
     """Spend in the period, apportioned to requests, with the month-end forecast and budget status."""
-    from slipway import costreport
+    from slipway.governance import costreport
     from slipway.policies.loader import load
 
     doc = load(policies or ["policies"]).get("CostBudget", budget)
@@ -86,7 +86,7 @@ def compliance_check(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the compliance rules now and record the findings; exit 1 while a blocking finding is open."""
-    from slipway import compliance
+    from slipway.governance import compliance
     from slipway.policies.loader import load
 
     docs = load(policies or ["policies"])

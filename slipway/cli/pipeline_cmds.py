@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from slipway.cli._context import policy_loader
 from slipway.cli._output import console, emit_json, fmt_time, table
 
 runs_app = typer.Typer(help="Pipeline runs and their steps.", no_args_is_help=True)
@@ -52,8 +53,7 @@ def validate(
     policies: PoliciesOpt = None,
 ) -> None:
     """Check documents and the references between them without running anything (exit 2 on errors)."""
-    from slipway.policies import loader
-
+    loader = policy_loader()
     targets = paths or [loader.default_dir()]
     context = None
     context_dir = Path(policies or loader.default_dir())
@@ -418,8 +418,7 @@ def schema(
     ] = None,
 ) -> None:
     """Export JSON Schema per document kind (for editors) and/or the Markdown policy reference."""
-    from slipway.policies import reference
-
+    from slipway.flows import reference
     if out is None and markdown is None:
         raise typer.BadParameter("give --out DIR and/or --markdown FILE", param_hint="--out")
     if out is not None:

@@ -68,8 +68,7 @@ def rollback(
     no_serving: Annotated[bool, typer.Option("--registry-only", help="Move the alias only; leave serving.")] = False,
 ) -> None:
     """Put MODEL's production back on the previous version (or --to), in seconds, from registry history."""
-    from slipway.rollout import promotion
-
+    from slipway.serve.canary import promotion
     reg = open_registry()
     out = promotion.rollback(reg, None if no_serving else _control(), model=model, to=to, reason=reason)
     typer.echo(f"{model}@production -> v{out['production']} (was v{out['previous']})")
@@ -81,8 +80,7 @@ def reconcile(
 ) -> None:
     """Drive serving and the registry to the last committed safe state (abort dead promotions)."""
     from slipway.registry import catalog
-    from slipway.rollout import promotion
-
+    from slipway.serve.canary import promotion
     reg = open_registry()
     with reg.session() as s:
         names = [model] if model else [m.name for m in catalog.list_models(s)]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from slipway.cli._context import open_registry
+from slipway.cli._context import open_registry, policy_loader
 from slipway.cli._output import emit_json, table
 from slipway.errors import SlipwayError
 
@@ -33,8 +33,7 @@ def _budget(name: str | None) -> dict[str, Any] | None:
     """The named CostBudget as the gateway's settings carry it; a missing one is a one-line error."""
     if name is None:
         return None
-    from slipway.policies import loader
-
+    loader = policy_loader()
     doc = loader.load(loader.default_dir()).get("CostBudget", name)
     return doc.model_dump(mode="json", by_alias=True, exclude_none=True)
 
@@ -48,7 +47,7 @@ def _load_configs(paths: list[Path] | None) -> dict[str, Any]:
     import yaml
     from pydantic import ValidationError
 
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.servingconfig import ServingConfig
 
     out: dict[str, Any] = {}
     for path in paths or []:
@@ -175,7 +174,7 @@ def serve_config(
     """Print the Ray Serve config (for `serve deploy` or KubeRay) of the production versions."""
     import yaml
 
-    from slipway.llm.loader import version_artifact
+    from slipway.llm.checkpoint import version_artifact
     from slipway.serve import local
     from slipway.serve.deploy_config import Target, kuberay_service, serve_config
 

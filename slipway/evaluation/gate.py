@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from slipway.evaluation import stats
-from slipway.policies.gate import GatePolicy, GateRule
+from slipway import stats
+from slipway.errors import SlipwayError
+from slipway.policies.gatepolicy import GatePolicy, GateRule
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class GateOutcome:
         return "\n".join(lines)
 
 
-class GateInputError(ValueError):
+class GateInputError(SlipwayError, ValueError):
     pass
 
 

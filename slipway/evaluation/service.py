@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slipway.evaluation.runner import (
+from slipway.evaluation.suite import (
     InProcessTarget,
     OpenAITarget,
     SuiteResult,
@@ -30,7 +30,7 @@ _CACHE_SIZE = 3
 
 def in_process_target(reg: Registry, ref: str) -> InProcessTarget:
     """The version ``ref`` loaded in this process (a few recent ones are kept, keyed by artifact checksum)."""
-    from slipway.llm.loader import load_version, version_artifact
+    from slipway.llm.checkpoint import load_version, version_artifact
 
     name, uri, sha = version_artifact(reg, ref)
     key = f"{uri}#{sha}"

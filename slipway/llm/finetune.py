@@ -75,7 +75,7 @@ def finetune(
     """
     import torch
 
-    from slipway.llm.loader import load_causal_lm, pick_device
+    from slipway.llm.checkpoint import load_causal_lm, pick_device
 
     dev = pick_device(device)
     # Train in fp32 master weights; bf16 enters through autocast on CUDA.

@@ -105,8 +105,8 @@ def held_out_score(env: LLMEnv, ref: str, n: int = 100) -> dict[str, float]:
     """Task metrics of registry version ``ref`` on the first ``n`` held-out (demo/eval) examples."""
     from slipway import datasets
     from slipway.llm import demodata
+    from slipway.llm.checkpoint import load_version
     from slipway.llm.generate import generate
-    from slipway.llm.loader import load_version
 
     rows = datasets.resolve("demo/eval").rows()[:n]
     model, tok = load_version(env.registry, ref, device="cpu")

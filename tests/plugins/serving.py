@@ -137,7 +137,7 @@ def prompt_log_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path, prompt_log_vault: Any) -> Iterator[Stack]:
     """The gateway (two replicas, Redis when reachable) with ``tiny`` v1 (real model, two replicas at
     0.5 GPU each) and ``echo`` v1 + v2 live."""
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.servingconfig import ServingConfig
     from slipway.serve import control
 
     redis_url = REDIS_URL if _redis_ok() else None

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from slipway.policies.canary import Analysis, AnalysisMetric
+from slipway.policies.canaryplan import Analysis, AnalysisMetric
 
 
 @dataclass

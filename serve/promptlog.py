@@ -1,6 +1,6 @@
 """Prompt/response logging, opt-in per model: PII redacted first, then encrypted (Vault transit, or a KMS data key
 with AES-256-GCM), then written in batches to the artifact store under ``prompt-logs/MODEL/DAY/``, from where
-:mod:`slipway.retention` deletes them after the retention period.
+:mod:`slipway.governance.retention` deletes them after the retention period.
 
     logger = PromptLogger.from_settings()                  # SLIPWAY_PROMPTLOG_MODELS=demo,other
     logger.log(model="demo", version=3, request_id=rid, prompt=messages, response=text)
@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from slipway.errors import SlipwayError
-from slipway.retention import PROMPT_LOG_PREFIX
+from slipway.serve.errors import ServeError
 
 if TYPE_CHECKING:
     from slipway.artifacts import ArtifactRef, ArtifactStore
@@ -42,7 +41,11 @@ _PHONE = re.compile(
 )
 
 
-class PromptLogError(SlipwayError):
+# Where batches land in the artifact store; retention (slipway.governance.retention) purges under it.
+PROMPT_LOG_PREFIX = "prompt-logs"
+
+
+class PromptLogError(ServeError):
     """A prompt log cannot be written or read (no key configured, wrong key, tampered object)."""
 
 

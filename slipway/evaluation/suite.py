@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from slipway.evaluation.metrics import BUILTIN, MetricError, resolve_custom
+from slipway.metrics import BUILTIN, MetricError, resolve_custom
 from slipway.policies.evalsuite import EvalSuite, GenerationParams, MetricSpec
 
 log = logging.getLogger(__name__)

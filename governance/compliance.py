@@ -1,10 +1,10 @@
-"""Running :class:`~slipway.policies.compliance.ComplianceRules` against the registry and recording the findings.
+"""Running :class:`~slipway.policies.compliancerules.ComplianceRules` against the registry and recording the findings.
 
     report = run(reg, rules, docs=docs)               # every model with a production alias
     report = run(reg, rules, docs=docs, model="demo")  # one model (and the rules that concern no model)
     report.exit_code                                   # 1 while a blocking finding is open for the models
 
-Each rule's check (in :mod:`slipway._compliance_rules`) observes violations; the findings are then reconciled
+Each rule's check (in :mod:`slipway.governance.checks`) observes violations; the findings are then reconciled
 with the previous run in one transaction: new ones are opened, those seen again stay open, those no longer seen
 are resolved. A rule that is skipped or fails to run resolves nothing, so an outage never clears a finding.
 """
@@ -16,37 +16,22 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slipway.errors import SlipwayError
+from slipway.governance.errors import GovernanceError
 
 if TYPE_CHECKING:
     from slipway.artifacts import ArtifactStore
-    from slipway.policies.compliance import ComplianceRules
+    from slipway.policies.compliancerules import ComplianceRules
     from slipway.registry import Registry
     from slipway.registry.findings import Observed
 
-log = logging.getLogger("slipway.compliance")
+log = logging.getLogger("slipway.governance.compliance")
 
 # Rules about the whole installation rather than one model.
 GLOBAL_CHECKS = frozenset({"key_rotation", "retention", "audit_chain", "canary_rollback"})
 
 
-class ComplianceError(SlipwayError):
+class ComplianceError(GovernanceError):
     """The check cannot run as asked (unknown model, no rules)."""
-
-
-class SkipRule(Exception):
-    """Raised by a check that has nothing to look at; its message says why."""
-
-
-@dataclass
-class RuleContext:
-    """What a check gets: the registry, loaded documents, the models in scope and the time of the run."""
-
-    registry: Registry
-    docs: Any  # policies.loader.DocumentSet or None
-    models: list[str]
-    now: dt.datetime
-    store: ArtifactStore | None = None  # where prompt logs live (retention)
 
 
 @dataclass
@@ -127,16 +112,16 @@ def run(
     store: ArtifactStore | None = None,
 ) -> CheckReport:
     """Run every rule, reconcile the findings, and report what is new, still open, resolved and blocking."""
-    from slipway import _compliance_rules
+    from slipway.governance import checks
     from slipway.registry import findings
 
-    ctx = RuleContext(reg, docs, models_in_scope(reg, rules, model), now or dt.datetime.now(dt.UTC), store)
+    ctx = checks.RuleContext(reg, docs, models_in_scope(reg, rules, model), now or dt.datetime.now(dt.UTC), store)
     results: list[RuleResult] = []
     for rule in rules.rules:
-        check = _compliance_rules.CHECKS[rule.check]
+        check = checks.CHECKS[rule.check]
         try:
             observed = check(ctx, rule)
-        except SkipRule as e:
+        except checks.SkipRule as e:
             results.append(RuleResult(rule.id, rule.check, "skipped", str(e)))
             continue
         except Exception as e:  # one broken check must not hide the others' findings
@@ -166,8 +151,7 @@ def demote(reg: Registry, report: CheckReport, control: Any = None) -> list[str]
     its previous version (serving included when ``control`` is given; registry only otherwise), once per model.
     Returns one line per model: what was done, or why it could not be."""
     from slipway.registry.models import ComplianceFinding, Model
-    from slipway.rollout import promotion
-
+    from slipway.serve.canary import promotion
     targets: dict[str, list[str]] = {}
     with reg.session() as s:
         for f in report.new:

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select
 
+from slipway.serve.promptlog import PROMPT_LOG_PREFIX
+
 if TYPE_CHECKING:
     from slipway.artifacts import ArtifactStore
     from slipway.registry import Registry
 
-log = logging.getLogger("slipway.retention")
-PROMPT_LOG_PREFIX = "prompt-logs"
+log = logging.getLogger("slipway.governance.retention")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from slipway.flows.steptypes import StepContext, step_type
 from slipway.policies.kinds import DocRef, Strict
-from slipway.policies.serving import FaultInjection
+from slipway.policies.servingconfig import FaultInjection
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class CanaryOutput(Strict):
 
 
 def _serving_config(ctx: StepContext, name: str | None, model: str) -> Any:
-    from slipway.policies.serving import ServingConfig
+    from slipway.policies.servingconfig import ServingConfig
 
     if name is not None:
         return ctx.documents.get("ServingConfig", name)
@@ -60,7 +60,7 @@ def _serving_config(ctx: StepContext, name: str | None, model: str) -> Any:
 
 def _quality_probe(ctx: StepContext, plan: Any) -> Any:
     """Online evaluation for the plan's ``quality`` metrics (None when it has none)."""
-    from slipway.rollout.quality import QualityProbe
+    from slipway.serve.canary.quality import QualityProbe
 
     names = {str(m.suite) for m in plan.analysis.metrics if m.name == "quality"}
     if not names:
@@ -72,8 +72,8 @@ def _undo_canary(ctx: StepContext, outputs: dict[str, Any]) -> str:
     """A later step failed after the canary succeeded (say ``promote``): drive serving back to the last committed
     state — ``production`` at 100 %, the unpromoted candidate drained and removed. A promoted candidate is the
     committed state and stays."""
-    from slipway.rollout import promotion
     from slipway.serve import control, local
+    from slipway.serve.canary import promotion
 
     model = str(outputs["candidate"]).split(":")[0]
     local.connect(start=False)
@@ -85,9 +85,9 @@ def _undo_canary(ctx: StepContext, outputs: dict[str, Any]) -> str:
 def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
     """Roll the candidate out under a CanaryPlan; roll back automatically (the step fails) when it misbehaves."""
     from slipway.registry import catalog, leases
-    from slipway.rollout import promotion
-    from slipway.rollout.controller import LEASE_TTL, Controller, RolledBack
     from slipway.serve import control, local
+    from slipway.serve.canary import promotion
+    from slipway.serve.canary.controller import LEASE_TTL, Controller, RolledBack
 
     plan = ctx.documents.get("CanaryPlan", inp.plan)
     reg = ctx.registry
@@ -170,11 +170,11 @@ def _release(reg: Any, model: str, holder: str) -> None:
 def _start_traffic(ctx: StepContext, spec: TrafficSpec, base: str, model: str) -> Any:
     from slipway.registry import keys
     from slipway.registry.types import utcnow
-    from slipway.rollout.traffic import Traffic
+    from slipway.serve.canary.traffic import Traffic
 
     prompts = ['Text: Ana moved to Lisbon last year to work as a "pilot" at the "garage".\nJSON:']
     if spec.suite is not None:
-        from slipway.evaluation.runner import load_examples
+        from slipway.evaluation.suite import load_examples
 
         examples, _ = load_examples(ctx.documents.get("EvalSuite", spec.suite), limit=200)
         prompts = [e.prompt for e in examples] or prompts
@@ -200,8 +200,8 @@ class PromoteOutput(Strict):
 def promote(ctx: StepContext, inp: PromoteInput) -> PromoteOutput:
     """Compare-and-set ``production`` to the candidate under the promotion lease; retire the old champion."""
     from slipway.registry import catalog
-    from slipway.rollout import promotion
     from slipway.serve import local
+    from slipway.serve.canary import promotion
 
     with ctx.registry.session() as s:
         v = catalog.resolve(s, inp.candidate)
@@ -240,8 +240,8 @@ class RollbackOutput(Strict):
 @step_type("rollback")
 def rollback(ctx: StepContext, inp: RollbackInput) -> RollbackOutput:
     """Put ``production`` back on the previous version (or ``to``), serving included."""
-    from slipway.rollout import promotion
     from slipway.serve import control, local
+    from slipway.serve.canary import promotion
 
     local.connect(start=False)
     out = promotion.rollback(ctx.registry, control, model=inp.model, to=inp.to, reason=inp.reason)

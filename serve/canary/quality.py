@@ -4,7 +4,7 @@ champion, live on Ray Serve, scored with the suite's metric, once per analysis w
 The probe calls each version's Serve application directly (not through the gateway), so its requests are not
 client traffic: they neither count in the per-version windows nor reach usage records. Each probe takes the
 next ``sample`` examples of the suite (cycling), so successive windows see different examples; both versions
-answer the same ones. The result feeds :func:`slipway.rollout.analysis.judge` as ``{metric: candidate mean,
+answer the same ones. The result feeds :func:`slipway.serve.canary.analysis.judge` as ``{metric: candidate mean,
 "champion:<metric>": champion mean}``.
 """
 
@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from slipway.evaluation.runner import Example, Generated, load_examples, run_suite
-from slipway.policies.canary import AnalysisMetric, CanaryPlan
+from slipway.evaluation.suite import Example, Generated, load_examples, run_suite
+from slipway.policies.canaryplan import AnalysisMetric, CanaryPlan
 from slipway.policies.evalsuite import EvalSuite, GenerationParams
 
 

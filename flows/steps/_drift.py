@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from slipway.evaluation import stats
-from slipway.evaluation.runner import metric_properties
+from slipway import stats
+from slipway.evaluation.suite import metric_properties
 from slipway.policies.evalsuite import EvalSuite
 from slipway.registry import Registry, evals, findings
 from slipway.registry.models import EvalRun, ModelVersion

@@ -1,4 +1,7 @@
-"""The Markdown policy reference, generated from the JSON Schema of every document kind.
+"""The Markdown policy reference, generated from the JSON Schema of every document kind and every step type.
+
+It lives in flows, not policies, because it documents both sides: the kinds (policies) and the step types
+that register themselves from :mod:`slipway.flows.steps` (plus any installed ``slipway.steps`` plugin).
 
 ``slipway schema --markdown docs/reference/policies.md`` writes it; it is never edited by hand.
 """
@@ -13,9 +16,9 @@ from slipway.policies.kinds import KINDS
 
 def schemas() -> dict[str, dict[str, Any]]:
     """JSON Schema (draft 2020-12) of every registered kind, by kind name."""
-    from slipway.policies.discovery import load_plugins
+    from slipway.policies.discovery import load_kinds
 
-    load_plugins()
+    load_kinds()
     out = {}
     for kind in sorted(KINDS):
         schema = KINDS[kind].model_json_schema(by_alias=True)
@@ -27,7 +30,7 @@ def schemas() -> dict[str, dict[str, Any]]:
 
 def markdown() -> str:
     """The reference page: one section per kind, one table per object type it contains."""
-    from slipway.flows.steptypes import STEP_TYPES
+    from slipway.flows.steptypes import discover
 
     lines = [
         "# Policy reference",
@@ -50,10 +53,9 @@ def markdown() -> str:
             if sub.get("type") == "object" or "properties" in sub:
                 lines += [f"### {kind}: {name}", "", _one_line(sub.get("description", "")), ""]
                 lines += _object_table(sub, schema)
-    lines += ["## Step types", "", "Built-in step types usable in `uses:` of a Pipeline step.", ""]
+    lines += ["## Step types", "", "Step types usable in `uses:` of a Pipeline step.", ""]
     lines += ["| step type | inputs | outputs | what it does |", "|---|---|---|---|"]
-    # Only slipway's own step types: a test or a plugin that registered one in this process is not built in.
-    builtin = {n: st for n, st in STEP_TYPES.items() if st.func.__module__.startswith("slipway.")}
+    builtin = discover()
     for name in sorted(builtin):
         st = builtin[name]
         inputs = ", ".join(f"`{f.alias or n}`" for n, f in st.input_model.model_fields.items()) or "—"

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slipway.errors import SlipwayError
+from slipway.governance.errors import GovernanceError
 
 if TYPE_CHECKING:
     from slipway.artifacts import ArtifactRef, ArtifactStore
@@ -29,7 +29,7 @@ MEASURES = ("requests", "prompt_tokens", "completion_tokens", "gpu_seconds", "co
 # (kept in step with slipway.registry.costs, which this module imports lazily)
 
 
-class CostReportError(SlipwayError):
+class CostReportError(GovernanceError):
     """A cost report cannot be made as asked (bad period, unknown dimension)."""
 
 

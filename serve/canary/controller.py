@@ -14,22 +14,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from slipway.errors import SlipwayError
-from slipway.policies.canary import AnalysisStep, CanaryPlan, Hold, Mirror, SetWeight
+from slipway.policies.canaryplan import AnalysisStep, CanaryPlan, Hold, Mirror, SetWeight
 from slipway.registry import Registry, catalog, leases
 from slipway.registry.models import VersionStatus
-from slipway.rollout.analysis import Verdict, judge
+from slipway.serve.canary.analysis import Verdict, judge
+from slipway.serve.errors import ServeError
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL = dt.timedelta(seconds=60)
 
 
-class RolloutError(SlipwayError):
+class RolloutError(ServeError):
     """The rollout could not run (nothing to roll out against, plan unusable, serving unreachable)."""
 
 
-class RolledBack(SlipwayError):
+class RolledBack(ServeError):
     """The canary was rolled back; the message says why."""
 
 

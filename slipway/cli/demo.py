@@ -1,7 +1,7 @@
 """``make demo``: the whole promotion on embedded defaults, then a summary with a working endpoint.
 
-    python -m slipway.demo              # bootstrap -> promote-demo -> summary (endpoint answers at the end)
-    python -m slipway.demo --sabotage   # then a rollback drill: a candidate that breaks mid-canary
+    python -m slipway.cli.demo              # bootstrap -> promote-demo -> summary (endpoint answers at the end)
+    python -m slipway.cli.demo --sabotage   # then a rollback drill: a candidate that breaks mid-canary
 
 Everything lands in ``SLIPWAY_HOME`` (default ./.slipway): SQLite registry, artifacts, datasets. The local
 Ray that serves the endpoint keeps running until ``slipway serve down``.
@@ -95,7 +95,7 @@ def summary(reg: Any, run: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m slipway.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m slipway.cli.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--sabotage", action="store_true", help="also run the rollback drill (promote-sabotaged)")
     p.add_argument("--skip-promote", action="store_true", help="only the rollback drill (after a first demo)")

@@ -5,15 +5,34 @@ from __future__ import annotations
 import datetime as dt
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from slipway.compliance import RuleContext, SkipRule
 from slipway.registry.findings import Observed
+
+if TYPE_CHECKING:
+    from slipway.artifacts import ArtifactStore
+    from slipway.registry import Registry
 from slipway.registry.models import ApiKey, Artifact, Dataset, GateDecision, ModelVersion, UsageRecord
+
+
+class SkipRule(Exception):
+    """Raised by a check that has nothing to look at; its message says why."""
+
+
+@dataclass
+class RuleContext:
+    """What a check gets: the registry, loaded documents, the models in scope and the time of the run."""
+
+    registry: Registry
+    docs: Any  # policies.loader.DocumentSet or None
+    models: list[str]
+    now: dt.datetime
+    store: ArtifactStore | None = None  # where prompt logs live (retention)
 
 
 def _obs(rule: Any, subject: str, message: str, model: str | None = None, **evidence: Any) -> Observed:
@@ -216,8 +235,7 @@ def key_rotation(ctx: RuleContext, rule: Any) -> list[Observed]:
 
 
 def retention(ctx: RuleContext, rule: Any) -> list[Observed]:
-    from slipway import retention as ret
-
+    from slipway.governance import retention as ret
     usage_cutoff = ctx.now - dt.timedelta(days=rule.usage_days)
     log_cutoff = ctx.now - dt.timedelta(days=rule.prompt_log_days)
     if rule.purge:

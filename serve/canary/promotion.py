@@ -15,16 +15,16 @@ from typing import Any
 
 from sqlalchemy import select
 
-from slipway.errors import SlipwayError
 from slipway.registry import Registry, audit, catalog, leases, runs
 from slipway.registry.models import AuditEvent, ModelVersion, PipelineRun, PromotionLease, RunStatus, VersionStatus
 from slipway.registry.types import utcnow
+from slipway.serve.errors import ServeError
 
 log = logging.getLogger(__name__)
 ALIAS = "production"
 
 
-class PromotionError(SlipwayError):
+class PromotionError(ServeError):
     """A promotion, rollback or reconcile cannot proceed; the message says why."""
 
 
