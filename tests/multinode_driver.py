@@ -1,4 +1,4 @@
-"""Driver of the multi-node test (tests/test_multinode.py), run as its own process against a two-node Ray cluster
+"""Driver of the multi-node test (tests/serve/test_multinode.py), run as its own process against a two-node Ray cluster
 (``RAY_ADDRESS``). Prints one JSON line on stdout.
 
     python -m tests.multinode_driver deploy HTTP_PORT METRICS_URL [METRICS_URL ...]

@@ -15,7 +15,7 @@ from slipway.policies import expressions as ex
 from slipway.policies.errors import PolicyError
 from slipway.policies.loader import load_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 DIAMOND = """\
 apiVersion: slipway/v1

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.plugins.serving import ECHO, TINY
-from tests.test_serve_routing import _burst
+from tests.serve.test_routing import _burst
 
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
 

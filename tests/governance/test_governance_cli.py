@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cost_report import plant
+from tests.governance.test_cost_report import plant
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLIPWAY = [sys.executable, "-m", "slipway.cli"]
 BUDGET = """\
 apiVersion: slipway/v1
