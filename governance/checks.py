@@ -1,4 +1,9 @@
-"""The built-in compliance checks: each takes the run's context and its rule and returns what it observed."""
+"""The built-in compliance checks: each takes the run's context and its rule and returns what it observed.
+
+Compliance has four sides, one module each: the document (:mod:`slipway.policies.compliancerules`), these
+checks, the run that records findings (:mod:`slipway.governance.compliance`), and the scheduled step
+(:mod:`slipway.flows.steps.compliance_check`).
+"""
 
 from __future__ import annotations
 

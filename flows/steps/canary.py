@@ -1,5 +1,10 @@
 """The ``canary``, ``promote`` and ``rollback`` steps: roll a candidate out beside the champion on Ray Serve,
-move ``production`` when it holds, or put the previous version back."""
+move ``production`` when it holds, or put the previous version back.
+
+One concept, three sides: the plan is a document (:mod:`slipway.policies.canaryplan`), the controller that walks
+it and the promotion it ends in are serving's (:mod:`slipway.serve.canary`: plain Python, no Prefect), and
+this module is the step that runs them inside a pipeline, with the lease, the synthetic traffic and the undo.
+"""
 
 from __future__ import annotations
 

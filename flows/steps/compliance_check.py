@@ -1,5 +1,6 @@
 """The ``compliance_check`` step: run a ComplianceRules document, record findings diffed against the previous run,
-and notify what is new or resolved."""
+and notify what is new or resolved. The checks and the findings' bookkeeping are
+:mod:`slipway.governance.compliance`; this is the step that schedules them."""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ model version with its lineage — or the existing version reused when the very 
 Identity of a fine-tune (its fingerprint): the base version and the sha256 of its weights, the dataset's
 content digest and every hyper-parameter. The code revision is recorded but not part of it, so a commit
 that does not touch the data or the settings does not retrain.
+
+One concept, two sides: this is the step (registry, artifacts, lineage); the training itself, free of both,
+is :mod:`slipway.llm.finetune`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Deciding a gate: absolute bounds, regression bounds and paired statistical tests, with every reason in words.
 
 Pure functions over per-example scores, so the decision can be tested without models or a database.
+One concept, three sides: the document is :mod:`slipway.policies.gatepolicy`, this module decides it, and the
+``gate`` step (:mod:`slipway.flows.steps.gate`) runs it against the registry and waits for approvals.
 """
 
 from __future__ import annotations

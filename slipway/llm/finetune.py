@@ -2,6 +2,7 @@
 
 This is the business logic of the ``finetune`` step, free of the registry and the artifact store: it loads a
 base directory, trains, and writes a Hugging Face (full) or PEFT (adapter) directory plus the tokenizer.
+One concept, two sides: this is the training; :mod:`slipway.flows.steps.finetune` is the step that records it.
 """
 
 from __future__ import annotations
