@@ -94,7 +94,7 @@ def wait_for_approval(
             key=key or f"approve-{ctx.step}",
         )
     except FlowPauseTimeout as e:
-        raise RuntimeError(f"no approval within {timeout:g} s") from e
+        raise ApprovalError(f"no approval within {timeout:g} s") from e
     finally:
         with reg.session(actor=ctx.actor) as s:
             runs.upsert_step(s, ctx.run_id, ctx.step, step_type=step_type, status=RunStatus.RUNNING)
@@ -102,9 +102,9 @@ def wait_for_approval(
     given = _read_approval(reg, answer.approval_id)
     expected = subject or default_subject(ctx.run_id, ctx.step)
     if given.subject != expected:
-        raise RuntimeError(f"approval {given.id} is of {given.subject}, not of {expected}")
+        raise ApprovalError(f"approval {given.id} is of {given.subject}, not of {expected}")
     if role and given.role != role:
-        raise RuntimeError(f"approval {given.id} was not given by role {role!r}")
+        raise ApprovalError(f"approval {given.id} was not given by role {role!r}")
     return given
 
 
@@ -127,7 +127,7 @@ def _read_approval(reg: Registry, approval_id: int) -> Given:
                     at=appr.created_at.isoformat(),
                 )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"approval {approval_id} is not in the registry")
+            raise ApprovalError(f"approval {approval_id} is not in the registry")
         time.sleep(0.1)
 
 

@@ -8,8 +8,13 @@ from typing import Annotated
 
 from pydantic import Field
 
+from slipway.flows.errors import FlowError
 from slipway.flows.steptypes import StepContext, step_type
 from slipway.policies.kinds import DocRef, Strict
+
+
+class ComplianceBlocked(FlowError):
+    """Blocking findings are open and the step was asked to fail on them (``fail_on_blocking``)."""
 
 
 class ComplianceInput(Strict):
@@ -52,7 +57,7 @@ def compliance_check(ctx: StepContext, inp: ComplianceInput) -> ComplianceOutput
         notify(ctx, NotifyInput(message="compliance:\n" + "\n".join(lines), webhook=webhook, level=level))
     blocking = [f"{f['rule']} {f['subject']} ({f['severity']}): {f['message']}" for f in report.blocking]
     if blocking and inp.fail_on_blocking:
-        raise RuntimeError("blocking compliance findings are open: " + "; ".join(blocking))
+        raise ComplianceBlocked("blocking compliance findings are open: " + "; ".join(blocking))
     return ComplianceOutput(
         new=[f"{f['rule']} {f['subject']}: {f['message']}" for f in report.new],
         still_open=len(report.still_open),

@@ -14,10 +14,15 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from slipway.flows.errors import FlowError
 from slipway.flows.steptypes import StepContext, step_type
 from slipway.policies.kinds import Strict
 
 log = logging.getLogger("slipway.notify")
+
+
+class NotifyError(FlowError):
+    """A webhook refused or could not be reached: the ``notify`` step fails with why."""
 
 
 class EchoInput(Strict):
@@ -68,9 +73,9 @@ def notify(ctx: StepContext, inp: NotifyInput) -> NotifyOutput:
         with urllib.request.urlopen(req, timeout=inp.timeout) as resp:
             return NotifyOutput(delivered=True, via="webhook", status=resp.status)
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"webhook answered {e.code} {e.reason}") from e
+        raise NotifyError(f"webhook answered {e.code} {e.reason}") from e
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise RuntimeError(f"webhook unreachable: {getattr(e, 'reason', e)}") from e
+        raise NotifyError(f"webhook unreachable: {getattr(e, 'reason', e)}") from e
 
 
 class ApproveInput(Strict):
