@@ -87,7 +87,7 @@ def main() -> None:
             catalog.create_version(s, model="bench")
         catalog.set_alias(s, model="bench", alias="production", version=1)
         _k, secret = keys.create_key(s, name="bench")
-    ray.init(num_cpus=2, namespace="slipway", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, namespace="slipway", include_dashboard=False, log_to_driver=False)
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServingConfig.for_model(

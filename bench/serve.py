@@ -243,6 +243,7 @@ def main() -> None:
 
     port = _free_port()
     ray.init(
+        address="local",  # a Ray of the bench's own, never one left running
         num_cpus=4,
         namespace="slipway",
         include_dashboard=False,

@@ -42,11 +42,15 @@ def _free_port() -> int:
 
 
 def _redis_ok() -> bool:
+    """Whether the Redis server answers; with ``CI=true`` an unreachable one fails the test instead (the
+    cross-replica limit and budget tests must not pass CI untested), as PostgreSQL's fixture does."""
     import redis
 
     try:
         return bool(redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
-    except Exception:
+    except Exception as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"Redis required in CI but unreachable at {REDIS_URL}: {e}")
         return False
 
 
@@ -74,12 +78,15 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def ray_serve() -> Iterator[str]:
-    """Ray (2 CPUs, 2 logical GPUs) and Serve's HTTP proxy on a free loopback port; yields the base URL."""
+    """A Ray started for this session (2 CPUs, 2 logical GPUs) and Serve's HTTP proxy on a free loopback port;
+    yields the base URL."""
     import ray
     from ray import serve
 
     port = _free_port()
+    # address="local": always a Ray of our own, never one a user (or `make demo`) left running.
     ray.init(
+        address="local",
         num_cpus=2,
         num_gpus=2,
         namespace="slipway",
