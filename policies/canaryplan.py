@@ -13,8 +13,6 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from slipway.policies.kinds import DocRef, Document, Strict, register_kind
 
-CANARY_METRICS = ("error_rate", "latency_p50", "latency_p90", "latency_p99", "ttft_p50", "ttft_p90", "ttft_p99")
-
 
 class ThresholdRange(Strict):
     min: float | None = Field(default=None, description="The canary's value must be >= min. Default no bound.")

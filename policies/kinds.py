@@ -12,7 +12,7 @@ document carry ``DocRef`` metadata so the loader can check the reference across 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,11 +56,3 @@ def register_kind(cls: D) -> D:
         raise TypeError(f"{cls.__name__} must declare kind: Literal['{cls.__name__}'] = '{cls.__name__}'")
     KINDS[default] = cls
     return cls
-
-
-def kind_names() -> list[str]:
-    return sorted(KINDS)
-
-
-def json_schema(kind: str) -> dict[str, Any]:
-    return KINDS[kind].model_json_schema()
