@@ -72,40 +72,136 @@ def _ray_bin() -> str:
 
 
 def connect(*, start: bool = False, num_gpus: float | None = None, ingress: str = "proxy") -> bool:
-    """Connect to ``RAY_ADDRESS`` or the local Ray; with ``start``, start a detached local head first when
-    none runs, its Serve ingress being ``ingress`` (a key of :data:`INGRESS_ENV`). Returns whether this call
-    started Ray. Raises :class:`ServeUnavailable`."""
+    """Connect to ``RAY_ADDRESS``, else to the local Ray slipway started (recorded in the state file), else to
+    the one Ray's own ``ray_current_cluster`` file names; with ``start``, start a detached local head when none
+    of them answers, its Serve ingress being ``ingress`` (a key of :data:`INGRESS_ENV`). A recorded or
+    current-cluster address whose GCS is gone (a Ray killed without ``ray stop``) is skipped in milliseconds,
+    not retried for minutes. Returns whether this call started Ray. Raises :class:`ServeUnavailable`."""
     import ray
 
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
-    if address and not _reachable(address):
-        # ray.init retries an unreachable address for minutes; a user wants one line now.
-        raise ServeUnavailable(f"no Ray cluster reachable at {address}: check RAY_ADDRESS or run `slipway serve up`")
-    try:
-        ray.init(address=address or "auto", namespace="slipway", log_to_driver=False)
+    if address:
+        if not _reachable(address):
+            # ray.init retries an unreachable address for minutes; a user wants one line now.
+            raise ServeUnavailable(
+                f"no Ray cluster reachable at {address}: check RAY_ADDRESS or run `slipway serve up`"
+            )
+        try:
+            ray.init(address=address, namespace="slipway", log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ServeUnavailable(f"no Ray cluster reachable at {address}: {e}") from None
         return False
-    except (ConnectionError, RuntimeError):
-        if address or not start:
-            where = f"at {address}" if address else "on this machine"
-            raise ServeUnavailable(f"no Ray cluster reachable {where}: run `slipway serve up`") from None
+    for candidate in _local_candidates():
+        if not _reachable(candidate, local_only=True):
+            continue
+        try:
+            ray.init(address=candidate, namespace="slipway", log_to_driver=False)
+            return False
+        except (ConnectionError, RuntimeError) as e:
+            log.warning("the local Ray at %s did not answer (%s); looking further", candidate, e)
+    if not start:
+        raise ServeUnavailable("no Ray cluster reachable on this machine: run `slipway serve up`")
+    head = _start_head(num_gpus=num_gpus, ingress=ingress)
+    _write_state({**read_state(), "started_ray": True, "ray": head})
+    ray.init(address=head["address"], namespace="slipway", log_to_driver=False)
+    return True
+
+
+def _local_candidates() -> list[str]:
+    """Addresses of local Rays worth trying, in order: the one slipway started, then Ray's current cluster."""
+    out = []
+    recorded = read_state().get("ray", {}).get("address")
+    if recorded:
+        out.append(recorded)
+    port = _current_cluster_port()
+    if port is not None and f"127.0.0.1:{port}" not in out:
+        # The file names the node's own IP; a local GCS answers on loopback too, and loopback is all we try.
+        out.append(f"127.0.0.1:{port}")
+    return out
+
+
+def _current_cluster_port() -> str | None:
+    current = _current_cluster_file()
+    if current is None or not current.is_file():
+        return None
+    text = current.read_text().strip()
+    return text.rsplit(":", 1)[1] if ":" in text else None
+
+
+def _current_cluster_file() -> Path | None:
+    """Ray's ``ray_current_cluster`` file (``$RAY_TMPDIR/ray/`` or ``/tmp/ray/``), where ``ray start`` leaves
+    the address that a later ``ray.init(address="auto")`` tries."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return Path(get_ray_address_file(None))
+    except Exception:  # a Ray without that helper: nothing to read
+        return None
+
+
+def _start_head(*, num_gpus: float | None, ingress: str) -> dict[str, Any]:
+    """``ray start --head`` on loopback in a session of its own: every Ray process it spawns (GCS, raylet,
+    workers) inherits that session id, so :func:`down` can end exactly this Ray — never ``ray stop``, which
+    ends every Ray on the machine."""
+    port = _free_port()
     cmd = [
         _ray_bin(),
         "start",
         "--head",
-        f"--port={_free_port()}",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
         "--disable-usage-stats",
         "--include-dashboard=false",
     ]
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     env = {**os.environ, **INGRESS_ENV[ingress]}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)
+        raise ServeUnavailable("`ray start` did not finish within 120 s") from None
     if proc.returncode != 0:
-        raise ServeUnavailable(f"`ray start` failed: {proc.stderr.strip().splitlines()[-1:]}")
-    ray.init(address="auto", namespace="slipway", log_to_driver=False)
-    return True
+        _kill_session(proc.pid)
+        raise ServeUnavailable(f"`ray start` failed: {err.strip().splitlines()[-1:]}")
+    return {"address": f"127.0.0.1:{port}", "session": proc.pid, "ingress": ingress}
+
+
+def _session_pids(session: int) -> list[int]:
+    """Pids of the live processes whose session id is ``session`` (Linux ``/proc``; empty elsewhere)."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = d.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after "pid (comm)": state ppid pgrp session ...; a zombie has exited already
+        if len(fields) > 3 and int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def _kill_session(session: int, *, grace_s: float = 10.0) -> int:
+    """SIGTERM every process of ``session``, SIGKILL what is left after ``grace_s``; how many there were."""
+    import signal
+
+    pids = [p for p in _session_pids(session) if p != os.getpid()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and [p for p in _session_pids(session) if p != os.getpid()]:
+        time.sleep(0.1)
+    for pid in _session_pids(session):
+        if pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return len(pids)
 
 
 def control_if_running() -> Any:
@@ -121,11 +217,15 @@ def control_if_running() -> Any:
     return control
 
 
-def _reachable(address: str) -> bool:
+def _reachable(address: str, *, local_only: bool = False) -> bool:
+    """Whether something listens at ``address``'s GCS port (3 s at most; a dead local Ray answers at once).
+    With ``local_only``, only a loopback address counts (slipway's own local Ray listens on 127.0.0.1)."""
     hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
     if address == "auto" or ":" not in hostport:
-        return True
+        return not local_only
     host, port = hostport.rsplit(":", 1)
+    if local_only and not (host.startswith("127.") or host in ("localhost", "::1")):
+        return False
     try:
         with socket.create_connection((host, int(port)), timeout=3):
             return True
@@ -180,7 +280,7 @@ def up(
     running = ingress if started else state.get("ingress", "proxy")  # a running cluster keeps its ingress
     if running != ingress:
         log.warning("Ray already runs; it keeps the ingress it was started with (%s)", running)
-    _write_state({"base_url": base, "started_ray": started or state.get("started_ray", False), "ingress": running})
+    _write_state({**read_state(), "base_url": base, "ingress": running})
     live = control.status()["models"]
     for model, version, cfg in targets:
         if str(version) not in live.get(model, {}):
@@ -211,22 +311,27 @@ def wait_ready(base: str, models: set[str], *, timeout_s: float) -> None:
 
 
 def down() -> dict[str, Any]:
-    """Shut Serve down and, when ``serve up`` started the local Ray, stop it too."""
+    """Shut Serve down and, when slipway started the local Ray (``serve up``, the demo or a canary step),
+    end that Ray: every process of its session, nothing else on the machine."""
     import ray
     from ray import serve
 
     from slipway.serve.store import NAMESPACE, STORE_NAME
 
     state = read_state()
-    connect(start=False)
-    serve.shutdown()
-    with contextlib.suppress(ValueError):
-        ray.kill(ray.get_actor(STORE_NAME, namespace=NAMESPACE))
+    head = state.get("ray") or {}
+    with contextlib.suppress(ServeUnavailable):  # a Ray that is gone already has nothing to shut down
+        connect(start=False)
+        serve.shutdown()
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(STORE_NAME, namespace=NAMESPACE))
     ray.shutdown()
     stopped = False
-    if state.get("started_ray") and not os.environ.get("RAY_ADDRESS"):
-        subprocess.run([_ray_bin(), "stop"], capture_output=True, timeout=120)
-        stopped = True
+    if head.get("session") and not os.environ.get("RAY_ADDRESS"):
+        stopped = _kill_session(int(head["session"])) > 0
+        if _current_cluster_port() == str(head.get("address", "")).rsplit(":", 1)[-1]:
+            # else the next ray.init(address="auto") waits minutes for this dead cluster
+            _current_cluster_file().unlink(missing_ok=True)  # type: ignore[union-attr]
     f = _state_file()
     if f.exists():
         f.unlink()
