@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slipway.cli._context import open_registry
+from slipway.cli._context import open_registry, policy_loader
 from slipway.cli._output import emit_json, table
 
 cost_app = typer.Typer(help="What serving cost, by model, version, key, team and day.", no_args_is_help=True)
@@ -50,9 +50,9 @@ def cost_report(
 ) -> None:
     """Spend in the period, apportioned to requests, with the month-end forecast and budget status."""
     from slipway.governance import costreport
-    from slipway.policies.loader import load
 
-    doc = load(policies or ["policies"]).get("CostBudget", budget)
+    loader = policy_loader()
+    doc = loader.load(policies or [loader.default_dir()]).get("CostBudget", budget)
     reg = open_registry()
     report = costreport.build(reg, doc, since=_when(since, "--since"), until=_when(until, "--until"), by=by)
     if write:
@@ -87,9 +87,9 @@ def compliance_check(
 ) -> None:
     """Run the compliance rules now and record the findings; exit 1 while a blocking finding is open."""
     from slipway.governance import compliance
-    from slipway.policies.loader import load
 
-    docs = load(policies or ["policies"])
+    loader = policy_loader()
+    docs = loader.load(policies or [loader.default_dir()])
     report = compliance.run(open_registry(), docs.get("ComplianceRules", rules), docs=docs, model=model)
     if as_json:
         emit_json(report.as_json())
