@@ -230,6 +230,24 @@ def metrics(model: str, *, seconds: float | None = None, last_n: int | None = No
     return _get(_store().metrics.remote(model, seconds=seconds, last_n=last_n))
 
 
+def version_health(model: str, version: int) -> tuple[bool, str]:
+    """Whether Serve has at least one RUNNING replica of every deployment of ``model:version``, and what it
+    sees (a SIGKILLed replica shows as restarting within about a second)."""
+    from ray import serve
+
+    from slipway.serve.model_server import app_name
+
+    app = serve.status().applications.get(app_name(model, version))
+    if app is None:
+        return False, "no Serve application"
+    for name, d in app.deployments.items():
+        states = {str(k.value if hasattr(k, "value") else k): n for k, n in dict(d.replica_states).items()}
+        if states.get("RUNNING", 0) < 1:
+            status = d.status.value if hasattr(d.status, "value") else d.status
+            return False, f"deployment {name} is {status}, replicas {states or 'none'}"
+    return True, "running"
+
+
 def status() -> dict[str, Any]:
     """Applications and their state as Serve sees them, plus the routing table."""
     from ray import serve

@@ -88,6 +88,9 @@ class Controller:
         self.failures = 0
         self.last_renew = 0.0
         self._last_verdict = Verdict("inconclusive")
+        # Evidence per weight: when the traffic split last changed, and whether a window has passed since.
+        self.split_since = self.t0
+        self.passed_since_split = False
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -136,11 +139,17 @@ class Controller:
                 if self._deadline_left() <= 0:
                     return self._rollback(f"deadline of {self.plan.deadline_s:g} s passed at step {i + 1}", None)
                 if isinstance(step, SetWeight):
+                    if step.setWeight != self.weight:
+                        bad = self._evidence_at_this_weight()
+                        if bad is not None:
+                            return bad
                     self.weight = step.setWeight
                     self._apply(f"canary step {i + 1}: setWeight {step.setWeight:g}")
+                    self._split_changed()
                 elif isinstance(step, Mirror):
                     self.mirror = step.mirror
                     self._apply(f"canary step {i + 1}: mirror {step.mirror:g}")
+                    self._split_changed()
                 elif isinstance(step, Hold):
                     bad = self._hold(step.hold.duration_s or 0.0, step.hold.min_requests or 0)
                     if bad is not None:
@@ -149,6 +158,9 @@ class Controller:
                     bad = self._await_pass()
                     if bad is not None:
                         return bad
+            bad = self._evidence_at_this_weight()  # the last weight too: no promotion without evidence there
+            if bad is not None:
+                return bad
             self._log("completed", canary_percent=self.weight)
             return RolloutResult("completed", "every step passed", self.timeline, cand_ref, champ_ref)
         except BaseException as e:  # undo the canary whatever happened (even Ctrl-C), then re-raise
@@ -159,10 +171,32 @@ class Controller:
                     log.exception("rollback after a failure failed; run `slipway reconcile`")
             raise
 
+    def _split_changed(self) -> None:
+        self.split_since = self.clock()
+        self.passed_since_split = False
+
+    def _evidence_at_this_weight(self) -> RolloutResult | None:
+        """Before the split moves on (or the rollout completes), one window must have passed at the current
+        weight; a plan that reaches a weight without an ``analysis`` or a passing ``hold`` window gets one here."""
+        if self.weight <= 0 or self.passed_since_split:
+            return None
+        self._log("implicit_analysis", canary_percent=self.weight)
+        return self._await_pass()
+
     def _window(self) -> Verdict:
-        m = self.control.metrics(self.model, seconds=self.plan.analysis.window_s)
+        """The verdict on the last ``window_s`` seconds, but never on traffic from before the split last changed:
+        a weight is judged on what was served at that weight."""
+        a = self.plan.analysis
+        seconds = min(a.window_s, max(a.interval_s, self.clock() - self.split_since))
+        m = self.control.metrics(self.model, seconds=seconds)
+        health = getattr(self.control, "version_health", None)
+        if health is not None:  # no window passes while nothing healthy serves the candidate (Serve's view)
+            ok, detail = health(self.model, self.candidate)
+            if not ok:
+                values = {"requests": int((m.get(str(self.candidate)) or {}).get("requests", 0))}
+                return Verdict("fail", [f"{self.model}:{self.candidate} has no healthy replica: {detail}"], values)
         quality = self.quality_probe(self) if self.quality_probe is not None else None
-        return judge(self.plan.analysis, m.get(str(self.candidate)), m.get(str(self.champion)), quality)
+        return judge(a, m.get(str(self.candidate)), m.get(str(self.champion)), quality)
 
     def _tick(self) -> RolloutResult | None:
         """One analysis interval: breaker first, then the window's verdict."""
@@ -178,6 +212,7 @@ class Controller:
                 return self._rollback("analysis: " + "; ".join(verdict.reasons), verdict)
         elif verdict.status == "pass":
             self.failures = 0
+            self.passed_since_split = True
         self._last_verdict = verdict
         return None
 
