@@ -194,6 +194,17 @@ class PromoteInput(Strict):
     approval: int | None = Field(default=None, description="Approval id, when production is protected.")
     role: str | None = Field(default=None, description="Role, when production is protected.")
     drain_timeout_s: float = Field(default=30, ge=0, description="Wait for the old champion's requests. Default 30.")
+    bake_s: float = Field(
+        default=30,
+        ge=0,
+        le=86_400,
+        description="Keep the old champion deployed (weight 0) this long after the move, and put production back on "
+        "it if the new version fails meanwhile (like Argo Rollouts' scaleDownDelaySeconds). Default 30; 0 retires "
+        "it at once.",
+    )
+    bake_max_error_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Error rate over at least 5 requests that fails the bake. Default 0.05."
+    )
 
 
 class PromoteOutput(Strict):
@@ -224,11 +235,33 @@ def promote(ctx: StepContext, inp: PromoteInput) -> PromoteOutput:
             role=inp.role,
             run_id=ctx.run_id,
             drain_timeout_s=inp.drain_timeout_s,
+            bake_s=inp.bake_s if serving is not None else 0.0,
+            bake_check=_bake_check(serving, model, number, inp.bake_max_error_rate) if serving is not None else None,
         )
     finally:
         _release(ctx.registry, model, holder)
     prev = out["previous"]
     return PromoteOutput(production=f"{model}:{number}", previous=f"{model}:{prev}" if prev else None)
+
+
+def _bake_check(control: Any, model: str, version: int, max_error_rate: float) -> Any:
+    """What fails a bake: Serve has no running replica of the new production, or its error rate since the move
+    (at least 5 requests) is above ``max_error_rate``."""
+    import time
+
+    since = time.monotonic()
+
+    def check() -> str | None:
+        ok, detail = control.version_health(model, version)
+        if not ok:
+            return f"no healthy replica: {detail}"
+        seconds = max(1.0, time.monotonic() - since)
+        m = control.metrics(model, seconds=seconds).get(str(version)) or {}
+        if m.get("requests", 0) >= 5 and m.get("error_rate", 0.0) > max_error_rate:
+            return f"error_rate {m['error_rate']:.3g} above {max_error_rate:g} over {m['requests']} requests"
+        return None
+
+    return check
 
 
 class RollbackInput(Strict):

@@ -10,6 +10,8 @@ import datetime as dt
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,9 +81,17 @@ def promote(
     role: str | None = None,
     run_id: str | None = None,
     drain_timeout_s: float = 30.0,
+    bake_s: float = 0.0,
+    bake_check: Callable[[], str | None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Move ``production`` to ``candidate`` (compare-and-set, under the lease), give it 100 % of traffic,
-    drain and remove the old champion. Raises :class:`AliasConflict` if production moved meanwhile."""
+    then retire the old champion — after ``bake_s`` seconds in which its application stays deployed at
+    weight 0 (Argo Rollouts' ``scaleDownDelaySeconds``). ``bake_check`` is asked every second of the bake
+    and returns why the candidate fails, or None; a failure puts production and traffic back on the champion
+    at once, marks the candidate rejected and raises :class:`PromotionError`. Raises :class:`AliasConflict`
+    if production moved meanwhile."""
     with reg.session() as s:
         leases.renew(s, model=model, holder=holder)
         champ = _production(s, model)
@@ -106,9 +116,59 @@ def promote(
             registry=reg,
             pipeline_run_id=run_id,
         )
-        if previous is not None and previous != candidate and str(previous) in control.get_weights(model)["apps"]:
+        champion_live = previous is not None and str(previous) in control.get_weights(model)["apps"]
+        if champion_live and bake_s > 0:
+            failure = _bake(reg, model=model, holder=holder, bake_s=bake_s, check=bake_check, clock=clock, sleep=sleep)
+            if failure is not None:
+                _revert(reg, control, model=model, current=candidate, target=previous, reason=f"bake: {failure}")
+                raise PromotionError(
+                    f"{model}:{candidate} failed during the {bake_s:g} s bake ({failure}); production is back on "
+                    f"{model}:{previous}"
+                )
+        if champion_live:
             control.remove_version(model, previous, drain_timeout_s=drain_timeout_s, registry=reg)
     return {"production": candidate, "previous": previous}
+
+
+def _bake(
+    reg: Registry,
+    *,
+    model: str,
+    holder: str,
+    bake_s: float,
+    check: Callable[[], str | None] | None,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> str | None:
+    """Watch the new production for ``bake_s`` seconds (the lease renewed); the first failure ``check`` names."""
+    end = clock() + bake_s
+    while True:
+        failure = check() if check is not None else None
+        if failure is not None:
+            return failure
+        if clock() >= end:
+            return None
+        with reg.session() as s:
+            leases.renew(s, model=model, holder=holder)
+        sleep(min(1.0, max(0.0, end - clock())))
+
+
+def _revert(reg: Registry, control: Any, *, model: str, current: int, target: int, reason: str) -> None:
+    """Traffic to ``target`` at 100 % first, then ``production`` moved back to it, ``current`` rejected and
+    its application removed: the fastest safe order (serving is fixed before the records). ``control`` None:
+    the records only."""
+    if control is not None:
+        control.set_weights(model, {target: 1.0}, shadow={}, reason=f"rollback to {target}: {reason}", registry=reg)
+    with reg.session() as s:
+        catalog.set_alias(s, model=model, alias=ALIAS, version=target, expected=current, role="rollback")
+        catalog.set_status(
+            s, catalog.get_version(s, model, target), VersionStatus.PRODUCTION, reason=f"rolled back to: {reason}"
+        )
+        catalog.set_status(
+            s, catalog.get_version(s, model, current), VersionStatus.REJECTED, reason=f"rolled back: {reason}"
+        )
+    if control is not None and str(current) in control.get_weights(model)["apps"]:
+        control.remove_version(model, current, registry=reg)
 
 
 def rollback(
@@ -142,17 +202,7 @@ def rollback(
             live = control.get_weights(model)["apps"] if _serving(control, model) else {}
             if str(target) not in live:
                 control.deploy_version(model, target, config=config, registry=reg)
-            control.set_weights(model, {target: 1.0}, shadow={}, reason=f"rollback to {target}: {reason}", registry=reg)
-        with reg.session() as s:
-            catalog.set_alias(s, model=model, alias=ALIAS, version=target, expected=cur_ver, role="rollback")
-            catalog.set_status(
-                s, catalog.get_version(s, model, target), VersionStatus.PRODUCTION, reason=f"rolled back to: {reason}"
-            )
-            catalog.set_status(
-                s, catalog.get_version(s, model, cur_ver), VersionStatus.REJECTED, reason=f"rolled back: {reason}"
-            )
-        if control is not None and str(cur_ver) in control.get_weights(model)["apps"]:
-            control.remove_version(model, cur_ver, registry=reg)
+        _revert(reg, control, model=model, current=cur_ver, target=target, reason=reason)
         return {"production": target, "previous": cur_ver}
     finally:
         with reg.session() as s:
