@@ -1,0 +1,162 @@
+"""Dispatch: the replica's routing table, and sending a request to the version chosen for it — alone, coalesced
+with concurrent ones into one ``generate_many`` call, streamed, or mirrored to a shadow version.
+
+The routing table comes from the weight store (:mod:`slipway.serve.store`); choosing by weight and picking
+shadows are :mod:`slipway.serve.routing`'s pure functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from slipway.policies.servingconfig import ServingConfig
+from slipway.serve.auth import Principal
+from slipway.serve.coalesce import Coalescer
+from slipway.serve.errors import Overloaded, PromptTooLong, ServeError, UpstreamTimeout
+from slipway.serve.recording import Recorder, Ticket
+from slipway.serve.routing import choose, shadow_targets
+
+#: Who a mirrored request is accounted to (shadows leave no usage row).
+SHADOW = Principal(subject="shadow")
+#: The model label of a request for a model the table does not know: free-form client input must not become a
+#: metric label (unbounded series) or a usage row PostgreSQL may refuse (lone surrogates).
+UNKNOWN_MODEL = "(unknown)"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: a live version of a model, its Serve application and serving config."""
+
+    model: str
+    version: str
+    app: str
+    config: ServingConfig
+
+
+class RoutingTable:
+    """The routing table of one replica: model → parsed config and versions."""
+
+    def __init__(self) -> None:
+        self.rev = -1
+        self.table: dict[str, dict[str, Any]] = {}
+        self.configs: dict[str, ServingConfig] = {}
+
+    def apply(self, rev: int, table: dict[str, Any]) -> None:
+        configs = {}
+        for model, entry in table.items():
+            old = self.table.get(model)
+            if old is not None and old["config"] == entry["config"] and model in self.configs:
+                configs[model] = self.configs[model]
+            else:
+                configs[model] = ServingConfig.model_validate(entry["config"])
+        self.rev, self.table, self.configs = rev, table, configs
+
+    def label(self, model: str) -> str:
+        """``model`` when the table knows it, else :data:`UNKNOWN_MODEL`."""
+        return model if model in self.table else UNKNOWN_MODEL
+
+    def route(self, model: str, version: str) -> Route:
+        return Route(model, version, self.table[model]["versions"][version]["app"], self.configs[model])
+
+    def choose(self, model: str, sticky: str | None, rng: random.Random) -> Route | None:
+        """The version serving this request (sticky by ``sticky`` while weights hold), or None when none has weight."""
+        version = choose(self.table[model]["versions"], sticky, rng)
+        return None if version is None else self.route(model, version)
+
+    def shadows(self, chosen: Route, rng: random.Random) -> list[Route]:
+        """Versions that get a mirrored copy of a request answered by ``chosen``."""
+        entry = self.table.get(chosen.model)
+        if entry is None:
+            return []
+        return [self.route(chosen.model, v) for v in shadow_targets(entry["versions"], chosen.version, rng)]
+
+
+async def _await(resp: Any) -> Any:
+    return await resp
+
+
+def check_answer(out: dict[str, Any]) -> dict[str, Any]:
+    """``out``, or the :class:`ServeError` the model server's error answer stands for."""
+    err = out.get("error") if isinstance(out, dict) else None
+    if err is None:
+        return out
+    status = err.get("status", 500)
+    if status == 413:
+        raise PromptTooLong(err["message"], param="prompt")
+    if status == 504:
+        raise UpstreamTimeout(err["message"])
+    raise ServeError(err["message"])
+
+
+class Dispatcher:
+    """Deployment handles and coalescers of the live versions one replica has talked to."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.handles: dict[str, Any] = {}
+        self.coalescers: dict[tuple[str, int, int, float, float], Coalescer] = {}
+
+    def handle(self, app_name: str) -> Any:
+        h = self.handles.get(app_name)
+        if h is None:
+            from ray import serve
+
+            from slipway.serve.model_server import DEPLOYMENT_NAME
+
+            h = self.handles[app_name] = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
+        return h
+
+    async def call(self, route: Route, payload: dict[str, Any]) -> dict[str, Any]:
+        """The version's answer; :class:`UpstreamTimeout` past ``request_timeout_s``, :class:`Overloaded` when
+        the model server's queue is full, the model server's own errors as :class:`ServeError`."""
+        from ray.serve.exceptions import BackPressureError
+
+        cfg, timeout_s = route.config, route.config.request_timeout_s
+        if not cfg.coalesce:
+            resp = self.handle(route.app).generate.remote(payload)
+            fut: Any = _await(resp)
+        else:
+            fut = self.coalescer(route.app, cfg).submit(payload)
+            resp = None
+        try:
+            out = await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            if resp is not None:
+                resp.cancel()
+            raise UpstreamTimeout(f"no answer within {timeout_s:g}s") from None
+        except BackPressureError:
+            raise Overloaded("the model server's queue is full; retry shortly", headers={"retry-after": "1"}) from None
+        return check_answer(out)
+
+    def coalescer(self, app_name: str, cfg: ServingConfig) -> Coalescer:
+        """One coalescer per live version: concurrent requests to it leave as one ``generate_many`` call."""
+        replicas = cfg.num_replicas or (cfg.autoscaling.min_replicas if cfg.autoscaling else 1)
+        key = (app_name, replicas, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.coalesce_max_wait_s)
+        c = self.coalescers.get(key)
+        if c is None:
+            handle = self.handle(app_name)
+            c = self.coalescers[key] = Coalescer(
+                lambda items: _await(handle.generate_many.remote(items)),
+                max_inflight=max(1, replicas),
+                max_items=max(cfg.max_batch_size, 1) * 2,
+                min_linger_s=min(cfg.batch_wait_timeout_s, 0.005),
+                max_linger_s=cfg.coalesce_max_wait_s,
+            )
+        return c
+
+    def stream(self, route: Route, payload: dict[str, Any]) -> Any:
+        """The version's streaming generator (never coalesced)."""
+        return self.handle(route.app).options(stream=True).stream.remote(payload)
+
+    async def shadow(self, route: Route, payload: dict[str, Any]) -> None:
+        """Send a mirrored copy to ``route``; its answer is discarded, its outcome recorded (no usage row)."""
+        t = Ticket(rid="", t0=time.perf_counter(), model=route.model, principal=SHADOW, shadow=True)
+        self.recorder.admitted(t, route, {}, None)
+        with contextlib.suppress(Exception):
+            async with self.recorder.scope(t):
+                t.answered(await self.call(route, payload))
