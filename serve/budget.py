@@ -72,9 +72,6 @@ def window_id(window: str, now: dt.datetime) -> str:
     return now.strftime("%Y-%m")
 
 
-_WINDOW_S = {"day": 86_400, "week": 7 * 86_400, "month": 31 * 86_400}
-
-
 @dataclass(frozen=True)
 class Bucket:
     """One budget in one window: the counter a reservation is checked against."""
