@@ -284,3 +284,30 @@ def rollback(ctx: StepContext, inp: RollbackInput) -> RollbackOutput:
     local.connect(start=False)
     out = promotion.rollback(ctx.registry, control, model=inp.model, to=inp.to, reason=inp.reason)
     return RollbackOutput(production=f"{inp.model}:{out['production']}", previous=f"{inp.model}:{out['previous']}")
+
+
+class ReconcileInput(Strict):
+    model: str | None = Field(default=None, description="Only this model. Default: every model.")
+
+
+class ReconcileOutput(Strict):
+    actions: list[str] = Field(description="What was done, per model, in words (empty when all was consistent).")
+    serving: bool = Field(description="Whether serving was reachable (else the registry alone was reconciled).")
+
+
+@step_type("reconcile")
+def reconcile(ctx: StepContext, inp: ReconcileInput) -> ReconcileOutput:
+    """Drive every model (or one) to its last committed safe state: dead promotions aborted, their leases
+    released, serving back on production at 100 %, orphaned candidate applications removed."""
+    from slipway.registry import catalog
+    from slipway.serve import local
+    from slipway.serve.canary import promotion
+
+    with ctx.registry.session() as s:
+        names = [catalog.get_model(s, inp.model).name] if inp.model else [m.name for m in catalog.list_models(s)]
+    serving = local.control_if_running()
+    actions = []
+    for name in names:
+        rep = promotion.reconcile(ctx.registry, serving, model=name)
+        actions += [f"{name}: {a}" for a in rep.actions]
+    return ReconcileOutput(actions=actions, serving=serving is not None)

@@ -76,8 +76,10 @@ def _prefect(env: dict[str, str], *args: str, timeout: float = 180) -> str:
 def test_prefect_yaml_deploys_and_a_worker_run_is_recorded_in_the_registry(prefect_env, tmp_path) -> None:
     _prefect(prefect_env, "work-pool", "create", POOL, "--type", "process")
     out = _prefect(prefect_env, "--no-prompt", "deploy", "--all")
-    for name in ("hello", "promote", "finetune-demo", "nightly-eval", "cost-report", "compliance-check"):
+    for name in ("hello", "promote", "finetune-demo", "nightly-eval", "cost-report", "compliance-check", "reconcile"):
         assert f"slipway-pipeline/{name}" in out, out
+    assert "interval" in (inspected := _prefect(prefect_env, "deployment", "inspect", "slipway-pipeline/reconcile"))
+    assert re.search(r"0:05:00|300", inspected), inspected
     assert "0 4 * * *" in _prefect(prefect_env, "deployment", "inspect", "slipway-pipeline/compliance-check")
     assert "0 2 * * *" in _prefect(prefect_env, "deployment", "inspect", "slipway-pipeline/nightly-eval")
     out = _prefect(
