@@ -3,8 +3,9 @@
 The flow body is a small scheduler. A step is decided once all its ``needs`` are finished: skipped (its
 ``if:`` is false; by default it runs only when every need succeeded), reused (``resume`` from a run where
 it succeeded with the same inputs), or submitted as a Prefect task that carries the step's retries and
-timeout. Independent steps therefore run concurrently on Prefect's task runner, and a failure skips
-exactly the steps downstream of it whose conditions need success.
+timeout (``flows/_steptask.py``). Independent steps therefore run concurrently on Prefect's task runner, and a
+failure skips exactly the steps downstream of it whose conditions need success. The scheduler waits on the
+tasks' futures with ``prefect.futures.as_completed`` and records the steps finished together in one write.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import queue
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed
-from pydantic import ValidationError
 
+from slipway.flows._steptask import describe, state_error, step_task
 from slipway.flows.compiler import Plan, PlannedStep, load_plan, resolve_params
 from slipway.flows.errors import FlowError
 from slipway.flows.steptypes import StepContext
@@ -38,8 +38,19 @@ log = logging.getLogger("slipway.runner")
 _registry: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("slipway_registry", default=None)
 
 
-class StepInputError(FlowError, ValueError):
-    """A step's rendered inputs do not fit its input model (known only once upstream outputs exist)."""
+@dataclass(frozen=True)
+class _Compiled:
+    """The plan that :func:`run` loaded for the flow run it starts in this context, and what it was loaded from."""
+
+    pipeline: str
+    policies: str | None
+    plan: Plan
+    docs: DocumentSet
+
+
+# The flow's parameters stay names (a deployment passes JSON), so an in-process caller hands the flow run the
+# plan it already compiled here instead; a deployment's flow run finds none and loads the plan itself.
+_compiled: contextvars.ContextVar[_Compiled | None] = contextvars.ContextVar("slipway_compiled", default=None)
 
 
 class PipelineFailed(FlowError, RuntimeError):
@@ -84,7 +95,11 @@ def run_pipeline(
     ``resume`` names a previous run whose succeeded steps are reused when their inputs are unchanged.
     Returns ``{run_id, status, error, outputs}``; the flow run fails when the pipeline fails.
     """
-    plan, docs = load_plan(pipeline, policies=policies)
+    compiled = _compiled.get()
+    if compiled is not None and (compiled.pipeline, compiled.policies) == (pipeline, policies):
+        plan, docs = compiled.plan, compiled.docs
+    else:
+        plan, docs = load_plan(pipeline, policies=policies)
     reg = _open_registry()
     result = _Execution(plan, docs, reg, params or {}, resume=resume, run_id=run_id).run()
     summary = {"run_id": result.run_id, "status": result.status, "error": result.error, "outputs": result.outputs}
@@ -101,19 +116,26 @@ def run(
     policies: str | None = None,
     registry: Registry | None = None,
     run_id: str | None = None,
+    loaded: tuple[Plan, DocumentSet] | None = None,
 ) -> RunResult:
     """Run a pipeline in this process (a Prefect flow run) and wait for it; the recorded outcome.
 
-    Raises :class:`PolicyError`/:class:`ParamError` before anything runs when the pipeline or params are bad.
+    ``loaded`` is what ``load_plan(pipeline, policies=policies)`` returned, when the caller has it already
+    (``slipway run`` does); the pipeline is then not loaded again. Raises :class:`PolicyError`/
+    :class:`ParamError` before anything runs when the pipeline or params are bad.
     """
     # Check first, so bad input is one clear error and no flow run exists.
-    plan, _ = load_plan(pipeline, policies=policies)
+    plan, docs = loaded if loaded is not None else load_plan(pipeline, policies=policies)
     if resume is None:  # a resumed run takes its params from the run it resumes
         resolve_params(plan.pipeline, params or {})
     run_id = run_id or str(uuid.uuid4())
-    with using_registry(registry) if registry is not None else contextlib.nullcontext():
-        run_pipeline(pipeline, dict(params or {}), resume, policies, run_id, return_state=True)
-        reg = registry or _open_registry()
+    token = _compiled.set(_Compiled(pipeline, policies, plan, docs))
+    try:
+        with using_registry(registry) if registry is not None else contextlib.nullcontext():
+            run_pipeline(pipeline, dict(params or {}), resume, policies, run_id, return_state=True)
+            reg = registry or _open_registry()
+    finally:
+        _compiled.reset(token)
     with reg.session() as s:
         r = runs.get_run(s, run_id)
         outputs = {st.name: dict(st.outputs or {}) for st in r.steps}
@@ -144,7 +166,6 @@ class _Execution:
         self.previous: dict[str, Any] = {}
         self.previous_run: str | None = None
         self.given = dict(given)
-        self.done: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.logger: Any = log
         self._tasks: dict[tuple[Any, ...], Any] = {}
 
@@ -233,7 +254,7 @@ class _Execution:
             try:
                 what = planned.type.undo(self.context(name), self.outputs[name])
             except Exception as e:
-                what = f"undo failed: {_describe(e)}"
+                what = f"undo failed: {describe(e)}"
                 self.logger.exception("undoing step %s failed", name)
             self.logger.warning("undid step %s after the run failed: %s", name, what)
             with self.reg.session() as s:
@@ -255,12 +276,12 @@ class _Execution:
     def _schedule(self) -> None:
         self._errors = {}
         waiting = list(self.plan.order)
-        running = 0
+        running: dict[PrefectFuture[Any], str] = {}
         limit = self.plan.pipeline.max_parallel or len(waiting)
         while waiting or running:
             batch: list[tuple[PlannedStep, dict[str, Any]]] = []
             for name in list(waiting):
-                if running + len(batch) >= limit:
+                if len(running) + len(batch) >= limit:
                     break
                 step = self.plan.steps[name]
                 if any(n not in self.status for n in step.needs):
@@ -270,18 +291,11 @@ class _Execution:
                 if inputs is not None:
                     batch.append((step, inputs))
             if batch:
-                self._submit(batch)
-                running += len(batch)
+                running.update(self._submit(batch))
             if not running:
                 continue
-            finished = [self.done.get()]
-            while True:  # take every step that finished meanwhile, to record them together
-                try:
-                    finished.append(self.done.get_nowait())
-                except queue.Empty:
-                    break
-            running -= len(finished)
-            self._collect(finished)
+            finished = _finished(list(running))
+            self._collect([(running.pop(f), f) for f in finished])
 
     def _scope(self, step: PlannedStep) -> ex.Scope:
         return ex.Scope(
@@ -342,8 +356,8 @@ class _Execution:
                 s, self.run_id, step.name, step_type=step.spec.uses, status=status, finished_at=now, **fields
             )
 
-    def _submit(self, batch: list[tuple[PlannedStep, dict[str, Any]]]) -> None:
-        """Mark the steps running in one transaction, then hand each to Prefect as a task."""
+    def _submit(self, batch: list[tuple[PlannedStep, dict[str, Any]]]) -> dict[PrefectFuture[Any], str]:
+        """Mark the steps running in one transaction, then hand each to Prefect as a task; its future."""
         now = utcnow()
         with self.reg.session() as s:
             for step, inputs in batch:
@@ -356,32 +370,21 @@ class _Execution:
                     inputs=inputs,
                     started_at=now,
                 )
-        for step, inputs in batch:
-            future = self._task_for(step).submit(step=step.name, inputs=inputs)
-            future.add_done_callback(lambda f, name=step.name: self.done.put((name, f)))
+        return {self._task_for(step).submit(step=step.name, inputs=inputs): step.name for step, inputs in batch}
 
     def _task_for(self, step: PlannedStep) -> Any:
         """One Prefect task per distinct retries/timeout: building a Task costs milliseconds, so reuse it."""
         spec = step.spec
         key = (spec.retries, spec.retry_delay, spec.timeout)
         if key not in self._tasks:
-            self._tasks[key] = task(
-                _step_body(self),
-                name="slipway-step",
-                task_run_name="{step}",
-                retries=spec.retries,
-                retry_delay_seconds=spec.retry_delay,
-                timeout_seconds=spec.timeout,
-                cache_policy=NO_CACHE,
-                persist_result=False,
-            )
+            self._tasks[key] = step_task(self, step)
         return self._tasks[key]
 
     def _collect(self, finished: list[tuple[str, Any]]) -> None:
         """Record finished tasks: every success in one transaction, each failure with its error."""
         succeeded: list[tuple[str, dict[str, Any]]] = []
         for name, future in finished:
-            future.wait()  # the callback can run before the future holds its final state
+            future.wait()  # finished, so this returns at once; it makes .state the final one, not an API read
             state = future.state
             if state.is_completed():
                 done = future.result()
@@ -392,7 +395,7 @@ class _Execution:
             with self.reg.session() as s:
                 rec = runs.get_step(s, self.run_id, name)
                 recorded = rec.error if rec is not None and rec.status == RunStatus.FAILED else None
-            self._record_final(self.plan.steps[name], RunStatus.FAILED, error=recorded or _state_error(state))
+            self._record_final(self.plan.steps[name], RunStatus.FAILED, error=recorded or state_error(state))
         if succeeded:
             with self.reg.session() as s:
                 for name, done in succeeded:
@@ -407,80 +410,18 @@ class _Execution:
                     )
 
 
-def _state_error(state: Any) -> str:
-    try:
-        state.result(raise_on_failure=True)
-    except BaseException as e:
-        return _describe(e)
-    return state.message or state.name
-
-
-def _describe(e: BaseException) -> str:
-    if isinstance(e, TimeoutError) or type(e).__name__ in ("TaskRunTimeoutError", "TimeoutError"):
-        return f"timed out: {e}" if str(e) else "timed out"
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _input_problems(step_type: str, e: ValidationError) -> str:
-    from slipway.policies.loader import format_path, friendly
-
-    parts = [
-        f"{format_path(tuple(err['loc'])) or 'with'}: {friendly(err, value=err.get('input'))}"
-        for err in e.errors(include_url=False)
-    ]
-    return f"inputs of {step_type}: " + "; ".join(parts)
-
-
 def _jsonable(value: Any) -> Any:
     from slipway.registry.audit import jsonable
 
     return jsonable(value)
 
 
-def _step_body(execution: _Execution) -> Any:
-    """The function Prefect runs (and retries) for a step: validate input, call, record once."""
-    reg, run_id = execution.reg, execution.run_id
-    first_start: dict[str, Any] = {}
-
-    def run_step(step: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        from prefect.runtime import task_run
-
-        planned = execution.plan.steps[step]
-        st, name, retries = planned.type, planned.name, planned.spec.retries
-        attempt = task_run.get_run_count() or 1
-        # The scheduler recorded the step as running; the one write here carries when it really started.
-        first_start.setdefault(name, utcnow())
-        try:
-            try:
-                inp = st.input_model.model_validate(inputs)
-            except ValidationError as e:
-                raise StepInputError(_input_problems(st.name, e)) from None
-            out = st.func(execution.context(name), inp)
-            out = out if isinstance(out, st.output_model) else st.output_model.model_validate(out)
-            outputs = out.model_dump(mode="json")
-        except BaseException as e:
-            final = attempt > retries
-            # Prefect enforces timeout: by cancelling the attempt's thread; say what happened in our words.
-            what = _describe(e)
-            if type(e).__name__ == "CancelledError" and planned.spec.timeout:
-                what = f"timed out after {planned.spec.timeout:g} s"
-            message = what if final else f"attempt {attempt} failed, retrying: {what}"
-            with reg.session() as s:
-                runs.upsert_step(
-                    s,
-                    run_id,
-                    name,
-                    step_type=planned.spec.uses,
-                    status=RunStatus.FAILED if final else RunStatus.RUNNING,
-                    error=message,
-                    attempts=attempt,
-                    started_at=first_start[name],
-                    finished_at=utcnow() if final else None,
-                )
-            raise
-        # Success is recorded by the scheduler, batched with other finished steps: one write per batch
-        # instead of one per step keeps concurrent steps from queueing on the registry's write lock.
-        return {"outputs": outputs, "attempts": attempt, "started_at": first_start[name], "finished_at": utcnow()}
-
-    return run_step
+def _finished(futures: list[PrefectFuture[Any]]) -> list[PrefectFuture[Any]]:
+    """Wait until one of ``futures`` is finished; it and every other one finished by then, to record together."""
+    first = next(as_completed(futures))
+    rest = [f for f in futures if f is not first]
+    done = [first]
+    with contextlib.suppress(TimeoutError):  # as_completed's way of saying that some are still running
+        for future in as_completed(rest, timeout=0):  # timeout=0: no waiting, only those already finished
+            done.append(future)
+    return done

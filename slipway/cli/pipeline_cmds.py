@@ -131,7 +131,7 @@ def run(
 
     params = _parse_params(param or [])
     try:
-        p, _ = compiler.load_plan(pipeline, policies=policies)
+        p, docs = compiler.load_plan(pipeline, policies=policies)
         if resume is None:
             compiler.resolve_params(p.pipeline, params)
     except PolicyError as e:
@@ -153,7 +153,7 @@ def run(
     def target() -> None:
         try:
             outcome["result"] = runner.run(
-                pipeline, params, resume=resume, policies=policies, registry=reg, run_id=run_id
+                pipeline, params, resume=resume, policies=policies, registry=reg, run_id=run_id, loaded=(p, docs)
             )
         except BaseException as e:  # shown by the main thread
             outcome["error"] = e

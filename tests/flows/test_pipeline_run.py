@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -339,3 +340,48 @@ def test_failure_and_resume_are_recorded_on_postgresql(prefect_api, pg_registry,
     assert second.status == "succeeded"
     _, steps = _steps(pg_registry, second.run_id)
     assert steps["a"].reused_from == first.run_id and steps["b"].attempts == 1
+
+
+ONE_STEP = """
+    apiVersion: slipway/v1
+    kind: Pipeline
+    name: once
+    steps:
+      sum: {uses: "python:tests.pipeline_steps:add", with: {a: 1, b: 2}}
+"""
+
+
+def _count_loads(monkeypatch) -> list[object]:
+    """Every time the pipeline's documents are read from disk (``load_plan`` reads them with ``collect``)."""
+    from slipway.policies import loader
+
+    calls: list[object] = []
+    real = loader.collect
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "collect", counting)
+    return calls
+
+
+def test_a_run_loads_its_pipeline_once(run_yaml, monkeypatch):
+    loads = _count_loads(monkeypatch)
+    result = run_yaml(ONE_STEP)
+    assert result.status == "succeeded", result.error
+    assert len(loads) == 1  # the check before the flow run; the flow run reuses that plan
+
+
+def test_a_run_given_the_loaded_plan_does_not_load_it_again(prefect_api, sqlite_registry, tmp_path, monkeypatch):
+    from slipway.flows import compiler, runner
+
+    path = tmp_path / "once.yaml"
+    path.write_text(textwrap.dedent(ONE_STEP))
+    policies = str(tmp_path / "no-policies")
+    loaded = compiler.load_plan(str(path), policies=policies)
+    loads = _count_loads(monkeypatch)
+    result = runner.run(str(path), policies=policies, registry=sqlite_registry, loaded=loaded)
+    assert result.status == "succeeded", result.error
+    assert result.outputs == {"sum": {"total": 3}}
+    assert loads == []
