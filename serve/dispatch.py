@@ -76,7 +76,8 @@ class RoutingTable:
         return [self.route(chosen.model, v) for v in shadow_targets(entry["versions"], chosen.version, rng)]
 
 
-async def _await(resp: Any) -> Any:
+async def await_ref(resp: Any) -> Any:
+    """A coroutine awaiting ``resp`` (a Serve response or Ray object ref, which ``create_task`` refuses)."""
     return await resp
 
 
@@ -119,7 +120,7 @@ class Dispatcher:
         cfg, timeout_s = route.config, route.config.request_timeout_s
         if not cfg.coalesce:
             resp = self.handle(route.app).generate.remote(payload)
-            fut: Any = _await(resp)
+            fut: Any = await_ref(resp)
         else:
             fut = self.coalescer(route.app, cfg).submit(payload)
             resp = None
@@ -141,7 +142,7 @@ class Dispatcher:
         if c is None:
             handle = self.handle(app_name)
             c = self.coalescers[key] = Coalescer(
-                lambda items: _await(handle.generate_many.remote(items)),
+                lambda items: await_ref(handle.generate_many.remote(items)),
                 max_inflight=max(1, replicas),
                 max_items=max(cfg.max_batch_size, 1) * 2,
                 min_linger_s=min(cfg.batch_wait_timeout_s, 0.005),

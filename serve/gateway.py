@@ -1,9 +1,12 @@
-"""The OpenAI-compatible gateway: authenticate, rate-limit, pick a version by weight, call it, record usage.
+"""The OpenAI-compatible gateway: the Ray Serve ingress deployment, its HTTP routes and their wiring.
 
 One gateway application serves every model (one base URL for clients, like LiteLLM). Each replica keeps
 the routing table in memory and long-polls the weight store (:mod:`slipway.serve.store`) for changes, so a
 weight change reaches every replica in milliseconds and nothing is redeployed. Live versions are separate
-Serve applications reached through deployment handles.
+Serve applications reached through deployment handles. The work is done by one module per concept:
+:mod:`~slipway.serve.admission` (limits, version, budget hold), :mod:`~slipway.serve.dispatch` (routing table,
+calls, coalescing, shadows), :mod:`~slipway.serve.streaming` (SSE) and :mod:`~slipway.serve.recording` (every
+request's outcome, recorded in one place).
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types through Serve's ingress wrapper.
@@ -27,7 +30,7 @@ from slipway.serve import protocol as p
 from slipway.serve import streaming
 from slipway.serve.admission import Admission, Admitter, Budgets, budget_guard
 from slipway.serve.auth import Authenticator, JwtConfig
-from slipway.serve.dispatch import Dispatcher, RoutingTable, _await
+from slipway.serve.dispatch import Dispatcher, RoutingTable, await_ref
 from slipway.serve.errors import BadRequest, ServeError
 from slipway.serve.ratelimit import make_limiter
 from slipway.serve.recording import Breaker, InFlight, Instruments, Recorder, Ticket
@@ -253,7 +256,7 @@ class Gateway:
         self.recorder.export_weights(table)
 
     def _trip(self, model: str, version: str, reason: str) -> None:
-        self._spawn(_await(self.store.trip.remote(model, version, reason)))
+        self._spawn(await_ref(self.store.trip.remote(model, version, reason)))
 
     async def _push_metrics(self) -> None:
         while True:
