@@ -7,7 +7,7 @@ in Redis), so concurrent and streamed requests cannot overspend: spend exceeds a
 requests cost beyond their own estimates. At the limit :meth:`BudgetGuard.reserve` raises
 :class:`InsufficientQuota`, which the gateway answers as 429 ``insufficient_quota``::
 
-    guard = BudgetGuard.from_settings(cost_budget)        # Redis when SLIPWAY_REDIS_URL is set
+    guard = BudgetGuard(cost_budget, ledger=RedisLedger(redis_url))   # LocalLedger() in one process
     r = await guard.areserve("team-a-key", guard.estimate("demo", prompt_tokens, max_tokens), team="a", model="demo")
     try:
         ...stream the answer...
@@ -30,9 +30,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from slipway.policies.costbudget import Budget, CostBudget
 from slipway.serve.errors import ServeError
 
@@ -45,16 +42,6 @@ class InsufficientQuota(ServeError):
     """A budget's hard limit leaves no room for this request (HTTP 429, OpenAI ``insufficient_quota``)."""
 
     status, type, code = 429, "insufficient_quota", "insufficient_quota"
-
-
-class BudgetSettings(BaseSettings):
-    """Where budget counters live (env prefix ``SLIPWAY_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="SLIPWAY_", env_file=".env", extra="ignore")
-
-    redis_url: str | None = Field(
-        default=None, description="Redis shared by every gateway replica. Default: counters in this process."
-    )
 
 
 def to_micro(dollars: float) -> int:
@@ -290,6 +277,11 @@ class RedisLedger:
         _c, _r, settle = self._async()
         await settle(keys=self._keys(buckets), args=[res_id, actual, self.key_ttl_s])
 
+    async def aspent(self, bucket: str) -> int:
+        """What a bucket has spent, in micro-dollars, without blocking the event loop."""
+        client, _r, _s = self._async()
+        return int(await client.hget(f"{self.prefix}{bucket}", "spent") or 0)
+
     async def aclose(self) -> None:
         if self._aredis is not None:
             await self._aredis[0].aclose()
@@ -315,12 +307,6 @@ class BudgetGuard:
         self.reservation_ttl_s = reservation_ttl_s
         self.clock = clock
         self._warned: set[str] = set()
-
-    @classmethod
-    def from_settings(cls, budget: CostBudget, **kwargs: Any) -> BudgetGuard:
-        """A guard on Redis when ``SLIPWAY_REDIS_URL`` is set, else in this process."""
-        url = BudgetSettings().redis_url
-        return cls(budget, ledger=RedisLedger(url) if url else LocalLedger(), **kwargs)
 
     def estimate(self, model: str, prompt_tokens: int, max_completion_tokens: int) -> float:
         """Dollars to reserve: the prompt and the most completion tokens the request may produce."""
@@ -388,6 +374,7 @@ class BudgetGuard:
             return self.settle(reservation, actual_cost)
         self._finish(reservation)
         await self.ledger.asettle(reservation.buckets, reservation.id, to_micro(actual_cost))
+        await self._awarn_soft(reservation.buckets)
 
     async def arelease(self, reservation: Reservation) -> None:
         if not isinstance(self.ledger, RedisLedger):
@@ -412,17 +399,32 @@ class BudgetGuard:
             raise ValueError(f"reservation {reservation.id} was already settled or released")
         reservation.done = True
 
-    def _warn_soft(self, buckets: Sequence[str]) -> None:
+    def _soft_watched(self, buckets: Sequence[str]) -> list[tuple[str, Budget]]:
+        """The buckets with a soft limit not warned about yet in this process."""
+        out = []
         for key in buckets:
             if key in self._warned:
                 continue
-            name = key.rsplit(":", 1)[0]
-            b = next((x for x in self.doc.budgets if x.name == name), None)
+            b = next((x for x in self.doc.budgets if x.name == key.rsplit(":", 1)[0]), None)
             if b is not None and b.soft is not None:
-                spent = self.ledger.totals(key)[0] / MICRO
-                if spent >= b.soft:
-                    self._warned.add(key)
-                    log.warning("budget %s: spent $%.2f of soft $%.2f in %s", name, spent, b.soft, key)
+                out.append((key, b))
+        return out
+
+    def _soft_reached(self, key: str, b: Budget, spent_micro: int) -> None:
+        spent = spent_micro / MICRO
+        if b.soft is not None and spent >= b.soft:
+            self._warned.add(key)
+            log.warning("budget %s: spent $%.2f of soft $%.2f in %s", b.name, spent, b.soft, key)
+
+    def _warn_soft(self, buckets: Sequence[str]) -> None:
+        for key, b in self._soft_watched(buckets):
+            self._soft_reached(key, b, self.ledger.totals(key)[0])
+
+    async def _awarn_soft(self, buckets: Sequence[str]) -> None:
+        """:meth:`_warn_soft` for the Redis path every multi-replica gateway takes (one HGET per watched bucket)."""
+        assert isinstance(self.ledger, RedisLedger)
+        for key, b in self._soft_watched(buckets):
+            self._soft_reached(key, b, await self.ledger.aspent(key))
 
 
 def state_of(b: Budget, spent: float) -> str:

@@ -220,6 +220,29 @@ def test_two_processes_with_16_streams_each_share_one_redis_budget():
         ledger.close()
 
 
+def test_the_redis_path_warns_at_the_soft_limit_once_too(caplog):
+    url = _redis_url()
+    prefix = f"slipway:test:{uuid.uuid4().hex[:8]}:"
+    ledger = RedisLedger(url, prefix=prefix)
+    guard = BudgetGuard(budget_doc(hard=10, soft=2), ledger=ledger)
+
+    async def main() -> None:
+        for _ in range(3):
+            await guard.asettle(await guard.areserve("k1", 1.0), 1.0)
+        await ledger.aclose()
+
+    try:
+        with caplog.at_level("WARNING", logger="slipway.budget"):
+            asyncio.run(main())
+        assert [r.getMessage() for r in caplog.records if "soft" in r.getMessage()] == [
+            f"budget k-month: spent $2.00 of soft $2.00 in k-month:{guard.status()[0].window}"
+        ]
+    finally:
+        for k in ledger.redis.scan_iter(f"{prefix}*"):
+            ledger.redis.delete(k)
+        ledger.close()
+
+
 def test_redis_async_api_and_expiry_of_abandoned_holds():
     url = _redis_url()
     prefix = f"slipway:test:{uuid.uuid4().hex[:8]}:"
