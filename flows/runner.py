@@ -58,6 +58,17 @@ class PipelineFailed(FlowError, RuntimeError):
 
 
 @dataclass(frozen=True)
+class _PreviousStep:
+    """A step of the run being resumed, as it was recorded."""
+
+    status: str
+    step_type: str
+    inputs: Any
+    outputs: dict[str, Any] | None
+    reused_from: str | None
+
+
+@dataclass(frozen=True)
 class RunResult:
     run_id: str
     status: str
@@ -163,7 +174,7 @@ class _Execution:
         self.run_id = run_id or str(uuid.uuid4())
         self.status: dict[str, str] = {}
         self.outputs: dict[str, dict[str, Any]] = {}
-        self.previous: dict[str, Any] = {}
+        self.previous: dict[str, _PreviousStep] = {}
         self.previous_run: str | None = None
         self.given = dict(given)
         self.logger: Any = log
@@ -190,7 +201,8 @@ class _Execution:
                     raise PipelineFailed(f"run {prev.id} is {prev.status}; only a finished run can be resumed")
                 self.previous_run = prev.id
                 self.previous = {
-                    st.name: (st.status, st.inputs, st.outputs, st.step_type, st.reused_from) for st in prev.steps
+                    st.name: _PreviousStep(st.status, st.step_type, st.inputs, st.outputs, st.reused_from)
+                    for st in prev.steps
                 }
                 self.given = {**(prev.params or {}), **self.given}
         self.params = resolve_params(p, self.given)
@@ -324,18 +336,18 @@ class _Execution:
         prev = self.previous.get(step.name)
         if (
             prev is not None
-            and prev[0] == RunStatus.SUCCEEDED
-            and prev[3] == step.spec.uses
-            and prev[1] == _jsonable(inputs)
+            and prev.status == RunStatus.SUCCEEDED
+            and prev.step_type == step.spec.uses
+            and prev.inputs == _jsonable(inputs)
             and all(self.status[n] == RunStatus.SUCCEEDED for n in step.needs)
         ):
-            self.outputs[step.name] = dict(prev[2] or {})
+            self.outputs[step.name] = dict(prev.outputs or {})
             self._record_final(
                 step,
                 RunStatus.SUCCEEDED,
                 inputs=inputs,
-                outputs=prev[2] or {},
-                reused_from=prev[4] or self.previous_run,
+                outputs=prev.outputs or {},
+                reused_from=prev.reused_from or self.previous_run,
             )
             return None
         return inputs
