@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import uuid
 from typing import Any
 
 from sqlalchemy import (
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -290,6 +292,10 @@ class UsageRecord(Base):
     __table_args__ = (Index("ix_usage_records_model_ts", "model", "ts"), Index("ix_usage_records_ts", "ts"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # The gateway's id of this row (never the caller's x-request-id, which a client may repeat): a row delivered
+    # twice — written, then redelivered before its acknowledgement — is stored once. NULL for rows written
+    # before it existed, and for rows written by hand.
+    event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, unique=True)
     ts: Mapped[dt.datetime] = mapped_column()
     request_id: Mapped[str | None] = mapped_column(String(64))
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))

@@ -7,15 +7,17 @@ would cap serving throughput).
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from slipway.registry.models import UsageRecord
 
 COLUMNS = (
+    "event_id",
     "ts",
     "request_id",
     "api_key_id",
@@ -32,17 +34,30 @@ COLUMNS = (
 
 
 def record_usage(s: Session, rows: Sequence[Mapping[str, Any]]) -> int:
-    """Insert many usage rows at once; PostgreSQL gets ``COPY``, SQLite a batched executemany."""
+    """Insert many usage rows at once and return how many were new.
+
+    A row whose ``event_id`` is already stored is skipped, so a batch delivered twice (written, then
+    redelivered before it was acknowledged) counts once. PostgreSQL gets ``COPY`` straight into the table; only
+    when that meets an event id already there does the batch go through a staging table and ``INSERT ... ON
+    CONFLICT DO NOTHING`` (slower, and only on redelivery). SQLite gets a batched ``INSERT ... ON CONFLICT``.
+    """
     if not rows:
         return 0
+    full = [_full(r) for r in rows]
     if s.get_bind().dialect.name == "postgresql":
-        return _copy_rows(s, rows)
-    s.execute(insert(UsageRecord), [{c: r.get(c) for c in COLUMNS} | _defaults(r) for r in rows])
-    return len(rows)
+        return _copy_rows(s, full)  # COPY's text format takes an event id as the gateway sends it, in hex
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    for r in full:
+        if isinstance(r["event_id"], str):
+            r["event_id"] = uuid.UUID(r["event_id"])
+
+    stmt = sqlite_insert(UsageRecord.__table__).on_conflict_do_nothing(index_elements=["event_id"])
+    return s.connection().execute(stmt, full).rowcount  # sqlite3 sums an executemany's row counts
 
 
-def _defaults(r: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+def _full(r: Mapping[str, Any]) -> dict[str, Any]:
+    return {c: r.get(c) for c in COLUMNS} | {
         "prompt_tokens": r.get("prompt_tokens") or 0,
         "completion_tokens": r.get("completion_tokens") or 0,
         "latency_ms": r.get("latency_ms") or 0.0,
@@ -50,15 +65,38 @@ def _defaults(r: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _copy_rows(s: Session, rows: Iterable[Mapping[str, Any]]) -> int:
+def _copy_rows(s: Session, rows: Sequence[dict[str, Any]]) -> int:
+    import psycopg
+
+    try:
+        with s.begin_nested():  # a savepoint: a COPY refused for a duplicate leaves the transaction usable
+            _copy(s, "usage_records", rows)
+        return len(rows)
+    except psycopg.errors.UniqueViolation:
+        pass
+    cols = ", ".join(COLUMNS)
+    # The staging table has the columns only (no id, no constraints); it lives as long as the connection and
+    # empties at each commit.
+    s.execute(
+        text(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS usage_staging ON COMMIT DELETE ROWS AS "
+            f"SELECT {cols} FROM usage_records WITH NO DATA"
+        )
+    )
+    s.execute(text("TRUNCATE usage_staging"))
+    _copy(s, "usage_staging", rows)
+    # ON CONFLICT also skips a second copy of an event within the batch; rows without an event id never conflict.
+    result = s.execute(
+        text(f"INSERT INTO usage_records ({cols}) SELECT {cols} FROM usage_staging ON CONFLICT (event_id) DO NOTHING")
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _copy(s: Session, table: str, rows: Iterable[dict[str, Any]]) -> None:
     conn = s.connection().connection.driver_connection  # psycopg.Connection
-    n = 0
-    with conn.cursor() as cur, cur.copy(f"COPY usage_records ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+    with conn.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN") as copy:
         for r in rows:
-            full = {c: r.get(c) for c in COLUMNS} | _defaults(r)
-            copy.write_row(tuple(full[c] for c in COLUMNS))
-            n += 1
-    return n
+            copy.write_row(tuple(r[c] for c in COLUMNS))
 
 
 def tokens_by_model_day(

@@ -27,3 +27,19 @@ def test_bulk_ingest_and_tokens_by_model_and_day(registry):
         ("other", "2026-11-02", 1, 3, 3),
     ]
     assert [r[:2] for r in since] == [("demo", "2026-11-02"), ("other", "2026-11-02")]
+
+
+def test_a_row_delivered_twice_is_stored_once(registry):
+    import uuid
+
+    ts = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    first = [{"event_id": uuid.uuid4().hex, "ts": ts, "model": "demo", "status": 200} for _ in range(3)]
+    again = [*first[1:], {"event_id": uuid.uuid4().hex, "ts": ts, "model": "demo", "status": 200}]
+    anonymous = [{"ts": ts, "model": "demo", "status": 200}] * 2  # no event id: never a duplicate
+    with registry.session() as s:
+        assert usage.record_usage(s, first) == 3
+    with registry.session() as s:
+        assert usage.record_usage(s, again + anonymous) == 3
+    with registry.session() as s:
+        assert usage.record_usage(s, again) == 0
+        assert usage.tokens_by_model_day(s)[0][2] == 6
