@@ -288,6 +288,9 @@ def rollback(ctx: StepContext, inp: RollbackInput) -> RollbackOutput:
 
 class ReconcileInput(Strict):
     model: str | None = Field(default=None, description="Only this model. Default: every model.")
+    registry_only: bool = Field(
+        default=False, description="Fix the registry only (leases, candidates, runs); leave serving. Default false."
+    )
 
 
 class ReconcileOutput(Strict):
@@ -305,7 +308,7 @@ def reconcile(ctx: StepContext, inp: ReconcileInput) -> ReconcileOutput:
 
     with ctx.registry.session() as s:
         names = [catalog.get_model(s, inp.model).name] if inp.model else [m.name for m in catalog.list_models(s)]
-    serving = local.control_if_running()
+    serving = None if inp.registry_only else local.control_if_running()
     actions = []
     for name in names:
         rep = promotion.reconcile(ctx.registry, serving, model=name)
