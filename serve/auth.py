@@ -1,13 +1,40 @@
-"""Who is calling: an API key from the registry (cached briefly) or a JWT bearer token with model scopes."""
+"""Who is calling: an API key from the registry (cached briefly) or a JWT bearer token with model scopes.
+
+A key's lookup is trusted for ``cache_ttl_s``. When the registry cannot be reached, a key looked up before keeps
+its last answer for ``stale_if_error_s`` more (stale-if-error, as HTTP caches do), so a database outage does not
+take serving down with it; a key never seen before gets 503 ``registry_unavailable`` (never 401: the key may be
+good). Revocation trade-off: a key revoked while this replica cannot reach the registry keeps working until the
+registry answers again or the stale bound passes, and never past the key's own expiry.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from slipway.serve.errors import Forbidden, Unauthorized
+from slipway.serve.errors import Forbidden, Overloaded, Unauthorized
+
+log = logging.getLogger(__name__)
+#: Lookups of keys held (good ones) and refused ones: refused ones are a separate, smaller cache so that a flood of
+#: made-up keys cannot push the good ones out (they are what an outage falls back on).
+_MAX_KEYS, _MAX_REFUSED = 100_000, 10_000
+
+
+class RegistryUnavailable(Overloaded):
+    """The registry cannot be reached and this key has no earlier lookup to fall back on (503)."""
+
+    code = "registry_unavailable"
+
+
+@dataclass
+class _Entry:
+    result: Principal | Unauthorized
+    fresh_until: float  # monotonic: looked up again after this
+    stale_until: float  # monotonic: served while the registry is unreachable until this
+    expires_at: float | None = None  # wall clock: the key's own expiry, which no cache outlives
 
 
 @dataclass(frozen=True)
@@ -40,48 +67,120 @@ class JwtConfig:
 
 
 class Authenticator:
-    """Resolves ``Authorization: Bearer ...``. Registry lookups run off the event loop and are cached
-    for ``cache_ttl_s`` (a revocation takes effect within that time)."""
+    """Resolves ``Authorization: Bearer ...``. Registry lookups run off the event loop, one at a time per key,
+    and are cached for ``cache_ttl_s`` (a revocation takes effect within that time); see the module docstring
+    for what happens while the registry is unreachable. After a failed lookup the registry is not asked again
+    for ``retry_s``: meanwhile every request is answered from the cache at once."""
 
-    def __init__(self, database_url: str | None, *, jwt: JwtConfig | None = None, cache_ttl_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        database_url: str | None,
+        *,
+        jwt: JwtConfig | None = None,
+        cache_ttl_s: float = 5.0,
+        stale_if_error_s: float = 900.0,
+        retry_s: float = 1.0,
+        connect_timeout_s: int = 2,
+    ) -> None:
         self.database_url = database_url
         self.jwt = jwt
-        self.cache_ttl_s = cache_ttl_s
-        self._cache: dict[str, tuple[float, Principal | Unauthorized]] = {}
+        self.cache_ttl_s, self.stale_if_error_s, self.retry_s = cache_ttl_s, stale_if_error_s, retry_s
+        self.connect_timeout_s = connect_timeout_s
+        self._keys: dict[str, _Entry] = {}
+        self._refused: dict[str, _Entry] = {}
+        self._lookups: dict[str, asyncio.Task[_Entry]] = {}
+        self._down_until = 0.0  # monotonic: the registry failed; do not ask it before this
         self._registry: Any = None
 
     async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller. Raises :class:`Unauthorized` (401) for a missing, unknown, revoked or expired key or a bad
+        token, and :class:`RegistryUnavailable` (503) for a key this replica cannot check now."""
         if not authorization or not authorization.lower().startswith("bearer "):
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
         token = authorization[7:].strip()
         now = time.monotonic()
-        hit = self._cache.get(token)
-        if hit is not None and hit[0] > now:
-            result = hit[1]
-        else:
-            try:
-                result = self._jwt(token) if token.count(".") == 2 else await asyncio.to_thread(self._lookup, token)
-            except Unauthorized as e:
-                result = e
-            self._cache[token] = (now + self.cache_ttl_s, result)
-            if len(self._cache) > 10000:
-                self._cache.clear()
+        entry = self._keys.get(token) or self._refused.get(token)
+        if entry is None or entry.fresh_until <= now:
+            entry = await self._refresh(token, entry, now)
+        result = entry.result
+        if isinstance(result, Principal) and entry.expires_at is not None and entry.expires_at <= time.time():
+            result = Unauthorized(f"API key {result.key_name} expired", code="api_key_expired")
         if isinstance(result, Unauthorized):
             raise result
         return result
 
-    def _lookup(self, secret: str) -> Principal:
-        from slipway.registry import Registry
+    async def _refresh(self, token: str, entry: _Entry | None, now: float) -> _Entry:
+        if token.count(".") == 2:  # a JWT: checked here, no registry involved
+            try:
+                result: Principal | Unauthorized = self._jwt(token)
+            except Unauthorized as e:
+                result = e
+            return self._store(token, _Entry(result, now + self.cache_ttl_s, now + self.cache_ttl_s))
+        if now < self._down_until:
+            return self._stale(entry, now)
+        task = self._lookups.get(token)
+        if task is None:  # one lookup per key at a time, shared by concurrent requests and outliving any of them
+            task = self._lookups[token] = asyncio.get_running_loop().create_task(self._lookup_entry(token, entry, now))
+            task.add_done_callback(lambda t: (self._lookups.pop(token, None), t.cancelled() or t.exception()))
+        return await asyncio.shield(task)
+
+    async def _lookup_entry(self, token: str, entry: _Entry | None, now: float) -> _Entry:
+        try:
+            principal, expires_at = await asyncio.to_thread(self._lookup, token)
+        except Unauthorized as e:
+            return self._store(token, _Entry(e, now + self.cache_ttl_s, now + self.stale_if_error_s))
+        except Exception as e:  # the registry is unreachable or failing: the cache answers
+            if time.monotonic() >= self._down_until:
+                log.warning("registry unreachable for key lookups (retrying every %.1fs): %s", self.retry_s, e)
+            self._down_until = time.monotonic() + self.retry_s
+            return self._stale(entry, now)
+        if self._down_until:
+            log.warning("registry reachable again for key lookups")
+            self._down_until = 0.0
+        return self._store(token, _Entry(principal, now + self.cache_ttl_s, now + self.stale_if_error_s, expires_at))
+
+    def _stale(self, entry: _Entry | None, now: float) -> _Entry:
+        """The last good answer while the registry is down, or 503 when there is none (or it is too old)."""
+        if entry is not None and entry.stale_until > now:
+            return entry
+        raise RegistryUnavailable(
+            "the API key registry is unreachable and this key was not seen recently; retry shortly",
+            headers={"retry-after": str(max(1, round(self.retry_s)))},
+        )
+
+    def _store(self, token: str, entry: _Entry) -> _Entry:
+        good = isinstance(entry.result, Principal)
+        cache, other = (self._keys, self._refused) if good else (self._refused, self._keys)
+        other.pop(token, None)
+        cache.pop(token, None)  # re-inserted last: the dict's order is the order of last lookup
+        cache[token] = entry
+        if len(cache) > (_MAX_KEYS if good else _MAX_REFUSED):
+            if good:
+                del cache[next(iter(cache))]  # the key looked up longest ago
+            else:
+                cache.clear()
+        return entry
+
+    def _registry_of(self) -> Any:
+        from slipway.registry import Registry, db
+
+        if self._registry is None:
+            url = self.database_url
+            assert url is not None
+            args = {"connect_args": {"connect_timeout": self.connect_timeout_s}} if url.startswith("postgres") else {}
+            self._registry = Registry(engine=db.create_registry_engine(url, **args), actor="gateway")
+        return self._registry
+
+    def _lookup(self, secret: str) -> tuple[Principal, float | None]:
+        """The key's principal and expiry (epoch seconds, or None); :class:`Unauthorized` when refused."""
         from slipway.registry.keys import KeyRejected, verify_key
 
         if self.database_url is None:
             raise Unauthorized("API keys are not configured on this gateway")
-        if self._registry is None:
-            self._registry = Registry(self.database_url, actor="gateway")
         try:
-            with self._registry.session() as s:
+            with self._registry_of().session() as s:
                 k = verify_key(s, secret)
-                return Principal(
+                principal = Principal(
                     subject=f"key:{k.name}",
                     key_id=k.id,
                     key_name=k.name,
@@ -90,6 +189,7 @@ class Authenticator:
                     rpm=k.rpm,
                     tpm=k.tpm,
                 )
+                return principal, k.expires_at.timestamp() if k.expires_at is not None else None
         except KeyRejected as e:
             code = {"revoked": "api_key_revoked", "expired": "api_key_expired"}.get(e.reason, "invalid_api_key")
             raise Unauthorized(str(e), code=code) from None
