@@ -17,16 +17,23 @@ requests cost beyond their own estimates. At the limit :meth:`BudgetGuard.reserv
 
 Amounts are kept as integer micro-dollars so that no rounding drift accumulates. A reservation that is never
 settled (a crashed replica) expires after ``reservation_ttl_s`` and frees its amount.
+
+Budgets fail closed: while the Redis ledger is unreachable no request that counts against a budget is admitted
+(:class:`BudgetUnavailable`, HTTP 503 ``budget_unavailable``), since admitting it unchecked could overspend a
+hard limit by any amount. A settle that fails meanwhile is logged and its hold expires; that request's cost is
+then missing from the counter (its usage row still has its tokens). Requests that count against no budget are
+not affected. The ledger is used again as soon as Redis answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +49,26 @@ class InsufficientQuota(ServeError):
     """A budget's hard limit leaves no room for this request (HTTP 429, OpenAI ``insufficient_quota``)."""
 
     status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
+class BudgetUnavailable(ServeError):
+    """The budget ledger (Redis) cannot be reached, so the request cannot be checked against its budgets (HTTP
+    503, ``budget_unavailable``: budgets fail closed)."""
+
+    status, type, code = 503, "server_error", "budget_unavailable"
+
+
+@contextlib.contextmanager
+def _ledger_errors(doing: str) -> Iterator[None]:
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except RedisError as e:
+        raise BudgetUnavailable(
+            f"budgets cannot be checked now (the budget ledger is unreachable while {doing}); retry shortly",
+            headers={"retry-after": "1"},
+        ) from e
 
 
 def to_micro(dollars: float) -> int:
@@ -216,18 +243,17 @@ return 1
 
 
 class RedisLedger:
-    """Counters in Redis, shared by every gateway replica; each operation is one Lua script (atomic)."""
+    """Counters in Redis, shared by every gateway replica; each operation is one Lua script (atomic). Every
+    operation raises :class:`BudgetUnavailable` while Redis is unreachable."""
 
     def __init__(self, url: str, *, prefix: str = "slipway:budget:", key_ttl_s: int = 40 * 86_400) -> None:
-        import redis
-        import redis.asyncio as aioredis
+        from slipway.serve._redis import sync_client
 
         self.url, self.prefix, self.key_ttl_s = url, prefix, key_ttl_s
-        self.redis = redis.from_url(url)
+        self.redis = sync_client(url)
         self._reserve = self.redis.register_script(_RESERVE)
         self._settle = self.redis.register_script(_SETTLE)
         self._aredis: Any = None
-        self._aioredis = aioredis
 
     def _keys(self, buckets: Sequence[str]) -> list[str]:
         return [k for b in buckets for k in (f"{self.prefix}{b}", f"{self.prefix}{b}:holds")]
@@ -243,24 +269,29 @@ class RedisLedger:
 
     def reserve(self, buckets: Sequence[Bucket], res_id: str, amount: int, now: float, ttl: float) -> Refusal | None:
         keys = self._keys([b.key for b in buckets])
-        return self._refusal(
-            buckets, self._reserve(keys=keys, args=self._reserve_args(buckets, res_id, amount, now, ttl))
-        )
+        with _ledger_errors("reserving"):
+            out = self._reserve(keys=keys, args=self._reserve_args(buckets, res_id, amount, now, ttl))
+        return self._refusal(buckets, out)
 
     def settle(self, buckets: Sequence[str], res_id: str, actual: int) -> None:
-        self._settle(keys=self._keys(buckets), args=[res_id, actual, self.key_ttl_s])
+        with _ledger_errors("settling"):
+            self._settle(keys=self._keys(buckets), args=[res_id, actual, self.key_ttl_s])
 
     def release(self, buckets: Sequence[str], res_id: str) -> None:
-        self._settle(keys=self._keys(buckets), args=[res_id, "", self.key_ttl_s])
+        with _ledger_errors("releasing"):
+            self._settle(keys=self._keys(buckets), args=[res_id, "", self.key_ttl_s])
 
     def totals(self, bucket: str) -> tuple[int, int]:
-        spent, reserved = self.redis.hmget(f"{self.prefix}{bucket}", "spent", "reserved")
+        with _ledger_errors("reading totals"):
+            spent, reserved = self.redis.hmget(f"{self.prefix}{bucket}", "spent", "reserved")
         return int(spent or 0), int(reserved or 0)
 
     # asyncio variants, for the gateway's event loop
     def _async(self) -> Any:
+        from slipway.serve._redis import async_client
+
         if self._aredis is None:
-            client = self._aioredis.from_url(self.url)
+            client = async_client(self.url)
             self._aredis = (client, client.register_script(_RESERVE), client.register_script(_SETTLE))
         return self._aredis
 
@@ -269,18 +300,20 @@ class RedisLedger:
     ) -> Refusal | None:
         _c, reserve, _s = self._async()
         keys = self._keys([b.key for b in buckets])
-        return self._refusal(
-            buckets, await reserve(keys=keys, args=self._reserve_args(buckets, res_id, amount, now, ttl))
-        )
+        with _ledger_errors("reserving"):
+            out = await reserve(keys=keys, args=self._reserve_args(buckets, res_id, amount, now, ttl))
+        return self._refusal(buckets, out)
 
     async def asettle(self, buckets: Sequence[str], res_id: str, actual: int | str) -> None:
         _c, _r, settle = self._async()
-        await settle(keys=self._keys(buckets), args=[res_id, actual, self.key_ttl_s])
+        with _ledger_errors("settling"):
+            await settle(keys=self._keys(buckets), args=[res_id, actual, self.key_ttl_s])
 
     async def aspent(self, bucket: str) -> int:
         """What a bucket has spent, in micro-dollars, without blocking the event loop."""
         client, _r, _s = self._async()
-        return int(await client.hget(f"{self.prefix}{bucket}", "spent") or 0)
+        with _ledger_errors("reading spend"):
+            return int(await client.hget(f"{self.prefix}{bucket}", "spent") or 0)
 
     async def aclose(self) -> None:
         if self._aredis is not None:

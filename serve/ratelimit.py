@@ -1,14 +1,26 @@
 """Per-caller requests-per-minute and tokens-per-minute token buckets: in-process, or in Redis so that the
-limits hold across every gateway replica."""
+limits hold across every gateway replica.
+
+While Redis is unreachable the Redis limiter falls back to this replica's own buckets (and says so in the log):
+limits then hold per replica, so a caller gets at most N times its limit from N replicas, and each fallback
+bucket starts full. Failing closed instead would turn a Redis outage into an outage of every rate-limited key;
+failing open (Envoy's global rate limit default) would drop the limits altogether. Rate limits protect capacity,
+not money: budgets, which do, fail closed (:mod:`~slipway.serve.budget`). Redis is tried again every ``retry_s``
+and takes over as soon as it answers.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from slipway.serve._redis import async_client
 from slipway.serve.errors import RateLimited
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,16 +117,36 @@ return {ok, tostring(r[2]), tostring(t[2]), tostring(math.max(r[3], t[3]))}
 
 
 class RedisLimiter:
-    """Token buckets in Redis (one Lua script per request); the clock is the caller's wall clock."""
+    """Token buckets in Redis (one Lua script per request); the clock is the caller's wall clock. While Redis
+    is unreachable, :attr:`local` decides (see the module docstring); ``degraded`` says whether it does now."""
 
-    def __init__(self, url: str, *, prefix: str = "slipway:rl:") -> None:
-        import redis.asyncio as aioredis
-
-        self.redis = aioredis.from_url(url)
-        self.prefix = prefix
+    def __init__(self, url: str, *, prefix: str = "slipway:rl:", retry_s: float = 1.0) -> None:
+        self.redis = async_client(url)
+        self.prefix, self.retry_s = prefix, retry_s
         self._script: Any = self.redis.register_script(_LUA)
+        self.local = LocalLimiter()
+        self.degraded = False
+        self._down_until = 0.0  # monotonic: Redis failed; not asked again before this
 
     async def check(self, who: str, *, rpm: int | None, tpm: int | None, tokens: int) -> Decision:
+        from redis.exceptions import RedisError
+
+        now = time.monotonic()
+        if now >= self._down_until:
+            try:
+                decision = await self._check(who, rpm=rpm, tpm=tpm, tokens=tokens)
+            except RedisError as e:
+                if not self.degraded:
+                    log.warning("Redis unreachable: rate limits hold per gateway replica until it returns (%s)", e)
+                self.degraded, self._down_until = True, now + self.retry_s
+            else:
+                if self.degraded:
+                    log.warning("Redis reachable again: rate limits are shared by every replica again")
+                    self.degraded = False
+                return decision
+        return await self.local.check(who, rpm=rpm, tpm=tpm, tokens=tokens)
+
+    async def _check(self, who: str, *, rpm: int | None, tpm: int | None, tokens: int) -> Decision:
         keys = [f"{self.prefix}r:{who}", f"{self.prefix}t:{who}"]
         ok, r_level, t_level, wait = await self._script(keys=keys, args=[time.time(), rpm or 0, tpm or 0, tokens])
         r_level, t_level = float(r_level), float(t_level)
