@@ -53,7 +53,20 @@ class GatewaySettings(BaseModel):
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     key_cache_ttl_s: float = Field(default=5.0, ge=0.0, description="How long a key lookup is trusted.")
+    key_stale_if_error_s: float = Field(
+        default=900.0,
+        ge=0.0,
+        description="While the registry is unreachable, a key looked up before keeps its last answer this much "
+        "longer (a key revoked meanwhile works until then; never past its expiry); unknown keys get 503 "
+        "registry_unavailable. Default 900 s (15 min); 0 refuses every key whose cache entry expired.",
+    )
     usage_interval_s: float = Field(default=0.5, gt=0.0, description="Usage records are written this often.")
+    usage_stream: bool = Field(
+        default=True,
+        description="With redis_url: each usage row is appended to a Redis stream before the answer and written "
+        "to the registry by every replica's consumer, so a replica that dies loses none. False (or no Redis): "
+        "rows are buffered in the replica's memory and lost if it dies. Default true.",
+    )
     metrics_push_s: float = Field(default=0.25, gt=0.0, description="Metric buckets are pushed this often.")
     sticky_by_key: bool = Field(default=True, description="Without a `user` field, route sticky by API key.")
     budget: dict[str, Any] | None = Field(
@@ -134,6 +147,15 @@ def _prompt_logger(doc: dict[str, Any] | None) -> Any:
     return PromptLogger.from_settings(PromptLogSettings.model_validate(doc))
 
 
+def _usage_writer(st: GatewaySettings, replica: str) -> Any:
+    """The usage rows' path: a Redis stream when there is Redis (durable), else this replica's memory."""
+    if st.database_url and st.redis_url and st.usage_stream:
+        from slipway.serve.usage_stream import StreamUsageWriter
+
+        return StreamUsageWriter(st.database_url, st.redis_url, consumer=replica, interval_s=st.usage_interval_s)
+    return UsageWriter(st.database_url, interval_s=st.usage_interval_s)
+
+
 def _instruments() -> Instruments:
     """The gateway's metrics, exported to Prometheus by Ray (the dashboard's queries name these)."""
     from ray.serve import metrics
@@ -177,14 +199,16 @@ class Gateway:
         jwt = None
         if st.jwt_secret or st.jwt_public_key:
             jwt = JwtConfig(st.jwt_algorithm, st.jwt_secret, st.jwt_public_key, st.jwt_audience, st.jwt_issuer)
-        self.auth = Authenticator(st.database_url, jwt=jwt, cache_ttl_s=st.key_cache_ttl_s)
+        self.auth = Authenticator(
+            st.database_url, jwt=jwt, cache_ttl_s=st.key_cache_ttl_s, stale_if_error_s=st.key_stale_if_error_s
+        )
         self.cache = ResponseCache(st.redis_url) if st.redis_url else None
-        self.usage = UsageWriter(st.database_url, interval_s=st.usage_interval_s)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.usage = _usage_writer(st, self.replica)
         self.promptlog = _prompt_logger(st.prompt_log)
         self.usage.start()
         self.store = get_store()
         self.rng = random.Random()
-        self.replica = serve.get_replica_context().replica_id.unique_id
         self._bg: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.table = RoutingTable()

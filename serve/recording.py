@@ -147,7 +147,7 @@ class Recorder:
         self,
         *,
         instruments: Instruments,
-        usage: Any,  # UsageWriter: add(row)
+        usage: Any,  # UsageWriter or StreamUsageWriter: add(row) -> what to await for the row to be durable, or None
         breaker: Breaker,
         inflight: InFlight,
         settle: Callable[[Ticket], Awaitable[None]],
@@ -188,13 +188,17 @@ class Recorder:
                 await self.close(t, 200)
 
     async def close(self, t: Ticket, status: int) -> None:
-        """Free the in-flight slot, settle or release the budget hold (awaited), record the outcome."""
+        """Free the in-flight slot, settle or release the budget hold (awaited), record the outcome and wait
+        until its usage row is durable (with the Redis stream; at once with the in-memory buffer), so an
+        answered request always has its row."""
         if not self._claim(t):
             return
         try:
             await self.settle(t)
         finally:
-            self.record(t, status)
+            durable = self.record(t, status)
+        if durable is not None:
+            await asyncio.shield(durable)  # a client gone meanwhile cancels its wait, not the shared append
 
     def close_soon(self, t: Ticket, status: int) -> None:
         """:meth:`close` from a stream's end, which may run while it is being cancelled: the budget is settled
@@ -215,10 +219,11 @@ class Recorder:
 
     # --- the one record ----------------------------------------------------------------------------------
 
-    def record(self, t: Ticket, status: int) -> None:
-        """Window bucket, breaker count, metrics and (shadows excepted) usage row of one outcome."""
+    def record(self, t: Ticket, status: int) -> Awaitable[None] | None:
+        """Window bucket, breaker count, metrics and (shadows excepted) usage row of one outcome; returns what
+        the usage writer gives to await for the row to be durable (None: nothing to wait for)."""
         if t.principal is None:  # not authenticated: nobody to account it to
-            return
+            return None
         latency_ms = (time.perf_counter() - t.t0) * 1000.0
         out = t.out or {}
         pt, ct, bs = out.get("prompt_tokens", 0), out.get("completion_tokens", 0), out.get("batch_size")
@@ -253,8 +258,8 @@ class Recorder:
         if bs:
             self.m.batch.observe(bs, tags=tags)
         if t.shadow:
-            return
-        self.usage.add(
+            return None
+        return self.usage.add(
             {
                 "ts": dt.datetime.now(dt.UTC),
                 "request_id": t.rid,
