@@ -97,6 +97,7 @@ def connect(*, start: bool = False, num_gpus: float | None = None, ingress: str 
         if not _reachable(candidate, local_only=True):
             continue
         try:
+            _match_local_auth()
             ray.init(address=candidate, namespace="slipway", log_to_driver=False)
             return False
         except (ConnectionError, RuntimeError) as e:
@@ -105,8 +106,23 @@ def connect(*, start: bool = False, num_gpus: float | None = None, ingress: str 
         raise ServeUnavailable("no Ray cluster reachable on this machine: run `slipway serve up`")
     head = _start_head(num_gpus=num_gpus, ingress=ingress)
     _write_state({**read_state(), "started_ray": True, "ray": head})
+    _match_local_auth()
     ray.init(address=head["address"], namespace="slipway", log_to_driver=False)
     return True
+
+
+def _match_local_auth() -> None:
+    """Use token authentication toward a local Ray exactly when ``ray start`` turned it on: Ray enables it for
+    a new local head when a token exists (``~/.ray/auth_token``, written by any earlier local ``ray.init``)
+    and ``RAY_AUTH_MODE`` is unset — but only ``address="auto"`` clients follow suit, not an explicit address
+    like ours. An explicit ``RAY_AUTH_MODE`` is respected."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _local_candidates() -> list[str]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,14 +48,16 @@ def ray_tmp() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _run(home: Path, ray_tmp: Path, *args: str, timeout: float = 180) -> dict:
+def _run(home: Path, ray_tmp: Path, *args: str, timeout: float = 180, user_home: Path | None = None) -> dict:
     env = {
         **os.environ,
+        **({"HOME": str(user_home)} if user_home else {}),  # where Ray looks for ~/.ray/auth_token
         "SLIPWAY_HOME": str(home),
         "RAY_TMPDIR": str(ray_tmp),  # Ray's temp dir, and its ray_current_cluster file, of this test alone
         "OMP_WAIT_POLICY": "PASSIVE",
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout
     )
@@ -69,12 +72,21 @@ def _session_alive(session: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("token", [True, False], ids=["token-auth", "no-token"])
 def test_serve_down_ends_the_ray_slipway_started_and_only_it(
-    tmp_path: Path, ray_tmp: Path, request: pytest.FixtureRequest
+    tmp_path: Path, ray_tmp: Path, request: pytest.FixtureRequest, token: bool
 ) -> None:
+    """With a Ray token in ~/.ray (any earlier local ray.init leaves one) `ray start` turns token auth on, and
+    slipway's client must follow; without one both run without."""
     from slipway.serve.local import _kill_session
 
-    out = _run(tmp_path, ray_tmp, "start")
+    user_home = tmp_path / "user"
+    if token:
+        (user_home / ".ray").mkdir(parents=True)
+        (user_home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+    else:
+        user_home.mkdir()
+    out = _run(tmp_path, ray_tmp, "start", user_home=user_home)
     head = out["state"]["ray"]
     request.addfinalizer(lambda: _kill_session(head["session"]))  # whatever happens below
     assert out["started"] is True and head["address"].startswith("127.0.0.1:")
@@ -82,7 +94,7 @@ def test_serve_down_ends_the_ray_slipway_started_and_only_it(
     port = head["address"].rsplit(":", 1)[1]
     assert (ray_tmp / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{port}")
 
-    down = _run(tmp_path, ray_tmp, "down")
+    down = _run(tmp_path, ray_tmp, "down", user_home=user_home)
 
     assert down == {"stopped_ray": True}
     deadline = time.monotonic() + 15
