@@ -40,6 +40,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
             "latency_ms": rnd.random() * 200,
             "status": 200 if rnd.random() > 0.01 else 500,
             "batch_size": rnd.randint(1, 32),
+            "event_id": uuid.UUID(int=rnd.getrandbits(128), version=4).hex,  # as the gateway's rows carry
         }
         for _ in range(n)
     ]

@@ -3,8 +3,8 @@
 The in-memory buffer (:mod:`~slipway.serve.usage_writer`) loses what a replica held when it dies, so answered
 requests and usage rows disagree. With Redis, :meth:`StreamUsageWriter.add` appends the row to the stream
 ``slipway:usage`` (``XADD``) and the recorder awaits it before the answer goes out: an answered request's row is
-in Redis. Rows of concurrent requests share one pipelined round trip (group commit: while one is in flight the
-next batch gathers), so under load the cost per request falls with the number of requests in flight.
+in Redis. Rows of concurrent requests share one round trip and one stream entry (group commit: while one append
+is in flight the next batch gathers), so under load the cost per request falls with the requests in flight.
 
 Every replica runs a consumer of the group ``usage-writers`` (named after the replica): it reads rows
 (``XREADGROUP``), writes a batch with :func:`slipway.registry.usage.record_usage`, and only then acknowledges
@@ -36,19 +36,25 @@ STREAM, GROUP = "slipway:usage", "usage-writers"
 _FORGET_CONSUMER_MS = 3_600_000
 
 
-def _encode(row: dict[str, Any]) -> str:
-    return json.dumps({k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()})
+#: Rows per stream entry at most: an entry holds the rows of one group commit, so parsing costs per entry.
+_ROWS_PER_ENTRY = 1000
 
 
-def _decode(raw: bytes | str) -> dict[str, Any]:
-    row = json.loads(raw)
-    row["ts"] = dt.datetime.fromisoformat(row["ts"])
-    return row
+def _encode(rows: list[dict[str, Any]]) -> str:
+    return json.dumps([{k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in r.items()} for r in rows])
+
+
+def _decode(raw: bytes | str) -> list[dict[str, Any]]:
+    rows = json.loads(raw)
+    for r in rows:
+        r["ts"] = dt.datetime.fromisoformat(r["ts"])
+    return rows
 
 
 class StreamUsageWriter:
     """Usage rows through a Redis stream (see the module docstring). ``add`` returns what to await for the row
-    to be durable (None when it went to the in-memory fallback); ``written`` counts rows this replica stored."""
+    to be durable (None when it went to the in-memory fallback); ``written`` counts rows this replica stored.
+    ``batch`` is stream entries per read (each holds the rows of one group commit, up to 1000)."""
 
     def __init__(
         self,
@@ -59,7 +65,7 @@ class StreamUsageWriter:
         stream: str = STREAM,
         group: str = GROUP,
         interval_s: float = 0.5,
-        batch: int = 5000,
+        batch: int = 500,
         claim_idle_s: float = 30.0,
         retry_s: float = 1.0,
     ) -> None:
@@ -69,7 +75,7 @@ class StreamUsageWriter:
         self.fallback = UsageWriter(database_url, interval_s=interval_s)
         self.queued = 0  # rows appended to the stream by this replica
         self.written = 0  # rows this replica's consumer stored in the registry
-        self.claimed = 0  # rows taken over from other consumers
+        self.claimed = 0  # stream entries taken over from other consumers
         self._pending: list[dict[str, Any]] = []
         self._batch: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -111,8 +117,8 @@ class StreamUsageWriter:
                 done, self._batch = self._batch, None
                 try:
                     pipe = self.redis.pipeline(transaction=False)
-                    for r in rows:
-                        pipe.xadd(self.stream, {"r": _encode(r)})
+                    for i in range(0, len(rows), _ROWS_PER_ENTRY):
+                        pipe.xadd(self.stream, {"r": _encode(rows[i : i + _ROWS_PER_ENTRY])})
                     await pipe.execute()
                     self.queued += len(rows)
                 except RedisError as e:  # some may be in the stream too: the registry stores each event once
@@ -181,7 +187,7 @@ class StreamUsageWriter:
             )
             if entries:
                 self.claimed += len(entries)
-                log.warning("usage stream: claimed %d unacknowledged rows of other replicas", len(entries))
+                log.warning("usage stream: claimed %d unacknowledged entries of other replicas", len(entries))
                 await self._write(entries)
             start = nxt.decode() if isinstance(nxt, bytes) else nxt
             if start == "0-0":
@@ -198,7 +204,7 @@ class StreamUsageWriter:
             if not fields:  # deleted from the stream meanwhile
                 continue
             try:
-                rows.append(_decode(fields[b"r"]))
+                rows += _decode(fields[b"r"])
             except (KeyError, ValueError, TypeError):  # not a row this writer wrote: never retried forever
                 self.fallback.dropped += 1
                 log.error("usage stream: entry %r is not a usage row; dropped", eid)

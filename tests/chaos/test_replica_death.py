@@ -100,7 +100,7 @@ def test_rows_read_but_not_acknowledged_are_claimed_and_stored_once(pg, redis_se
             await dead.add(dict(row, request_id=f"r{i}", event_id=uuid.uuid4().hex))
         entries = await dead._read(">")  # read: pending on "dead"
         # half of them written, then the replica died before acknowledging anything
-        dead.fallback.store([_decode(f[b"r"]) for _id, f in entries[:10]])
+        dead.fallback.store([r for _id, f in entries[:10] for r in _decode(f[b"r"])])
         await dead.redis.aclose()
         alive = StreamUsageWriter(url, redis_server.url, consumer="alive", claim_idle_s=0.2, interval_s=0.02)
         await asyncio.sleep(0.3)
