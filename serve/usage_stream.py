@@ -1,10 +1,11 @@
 """Usage rows queued durably in a Redis stream before the answer, written to the registry by every replica.
 
 The in-memory buffer (:mod:`~slipway.serve.usage_writer`) loses what a replica held when it dies, so answered
-requests and usage rows disagree. With Redis, :meth:`StreamUsageWriter.add` appends the row to the stream
-``slipway:usage`` (``XADD``) and the recorder awaits it before the answer goes out: an answered request's row is
-in Redis. Rows of concurrent requests share one round trip and one stream entry (group commit: while one append
-is in flight the next batch gathers), so under load the cost per request falls with the requests in flight.
+requests and usage rows disagree. With Redis, :meth:`StreamUsageWriter.add` appends the row to the registry's
+stream ``slipway:usage:<hash of the registry URL>`` (``XADD``) and the recorder awaits it before the answer
+goes out: an answered request's row is in Redis. Rows of concurrent requests share one round trip and one
+stream entry (group commit: while one append is in flight the next batch gathers), so under load the cost per
+request falls with the requests in flight.
 
 Every replica runs a consumer of the group ``usage-writers`` (named after the replica): it reads rows
 (``XREADGROUP``), writes a batch with :func:`slipway.registry.usage.record_usage`, and only then acknowledges
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import logging
 import time
@@ -38,6 +40,15 @@ _FORGET_CONSUMER_MS = 3_600_000
 
 #: Rows per stream entry at most: an entry holds the rows of one group commit, so parsing costs per entry.
 _ROWS_PER_ENTRY = 1000
+
+
+def stream_key(database_url: str) -> str:
+    """The stream of the registry at ``database_url``: gateways sharing a Redis but not a registry (two
+    deployments, two test sessions) never write each other's rows."""
+    from sqlalchemy.engine import make_url
+
+    safe = make_url(database_url).render_as_string(hide_password=True)
+    return f"{STREAM}:{hashlib.sha256(safe.encode()).hexdigest()[:16]}"
 
 
 def _encode(rows: list[dict[str, Any]]) -> str:
@@ -62,14 +73,15 @@ class StreamUsageWriter:
         redis_url: str,
         *,
         consumer: str,
-        stream: str = STREAM,
+        stream: str | None = None,
         group: str = GROUP,
         interval_s: float = 0.5,
         batch: int = 500,
         claim_idle_s: float = 30.0,
         retry_s: float = 1.0,
     ) -> None:
-        self.database_url, self.consumer, self.stream, self.group = database_url, consumer, stream, group
+        self.database_url, self.consumer, self.group = database_url, consumer, group
+        self.stream = stream or stream_key(database_url)
         self.interval_s, self.batch, self.claim_idle_s, self.retry_s = interval_s, batch, claim_idle_s, retry_s
         self.redis = async_client(redis_url)
         self.fallback = UsageWriter(database_url, interval_s=interval_s)
