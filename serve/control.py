@@ -231,8 +231,9 @@ def metrics(model: str, *, seconds: float | None = None, last_n: int | None = No
 
 
 def version_health(model: str, version: int) -> tuple[bool, str]:
-    """Whether Serve has at least one RUNNING replica of every deployment of ``model:version``, and what it
-    sees (a SIGKILLed replica shows as restarting within about a second)."""
+    """Whether Serve counts ``model:version`` healthy: every deployment has a RUNNING replica and none is
+    UNHEALTHY (what Serve reports while it replaces a replica that died — a SIGKILLed one shows within about a
+    second — or one that fails its health check). Upscaling and updating are healthy. Returns what it saw."""
     from ray import serve
 
     from slipway.serve.model_server import app_name
@@ -242,8 +243,8 @@ def version_health(model: str, version: int) -> tuple[bool, str]:
         return False, "no Serve application"
     for name, d in app.deployments.items():
         states = {str(k.value if hasattr(k, "value") else k): n for k, n in dict(d.replica_states).items()}
-        if states.get("RUNNING", 0) < 1:
-            status = d.status.value if hasattr(d.status, "value") else d.status
+        status = str(d.status.value if hasattr(d.status, "value") else d.status)
+        if states.get("RUNNING", 0) < 1 or status == "UNHEALTHY":
             return False, f"deployment {name} is {status}, replicas {states or 'none'}"
     return True, "running"
 

@@ -254,7 +254,7 @@ def _bake_check(control: Any, model: str, version: int, max_error_rate: float) -
     def check() -> str | None:
         ok, detail = control.version_health(model, version)
         if not ok:
-            return f"no healthy replica: {detail}"
+            return f"unhealthy in Serve: {detail}"
         seconds = max(1.0, time.monotonic() - since)
         m = control.metrics(model, seconds=seconds).get(str(version)) or {}
         if m.get("requests", 0) >= 5 and m.get("error_rate", 0.0) > max_error_rate:

@@ -194,7 +194,7 @@ class Controller:
             ok, detail = health(self.model, self.candidate)
             if not ok:
                 values = {"requests": int((m.get(str(self.candidate)) or {}).get("requests", 0))}
-                return Verdict("fail", [f"{self.model}:{self.candidate} has no healthy replica: {detail}"], values)
+                return Verdict("fail", [f"{self.model}:{self.candidate} is unhealthy in Serve: {detail}"], values)
         quality = self.quality_probe(self) if self.quality_probe is not None else None
         return judge(a, m.get(str(self.candidate)), m.get(str(self.champion)), quality)
 

@@ -1,5 +1,5 @@
 """No promotion without evidence: every weight the plan reaches is judged on traffic served at that weight, the
-last one included, and no window passes while the candidate has no healthy replica.
+last one included, and no window passes while Serve counts the candidate unhealthy.
 
 Serving is ``FakeServing`` (the test double of ``slipway.serve.control`` in ``test_canary_controller.py``).
 """
@@ -54,7 +54,7 @@ def test_no_window_passes_while_the_candidate_has_no_healthy_replica(world):  # 
     result = ctl.run()
 
     assert result.outcome == "rolled_back"
-    assert "demo:2 has no healthy replica: deployment ModelServer is UNHEALTHY" in result.reason
+    assert "demo:2 is unhealthy in Serve: deployment ModelServer is UNHEALTHY" in result.reason
     assert serving.weights == {"1": 1.0}
 
 

@@ -44,7 +44,7 @@ def test_a_failure_during_the_bake_puts_production_back_on_the_champion(world): 
     t0 = clock()
 
     def check():
-        return "no healthy replica: deployment ModelServer is UNHEALTHY" if clock() - t0 > 2 else None
+        return "unhealthy in Serve: deployment ModelServer is UNHEALTHY" if clock() - t0 > 2 else None
 
     with pytest.raises(PromotionError, match=r"demo:2 failed during the 5 s bake .*production is back on demo:1"):
         _promote(world, check)
@@ -54,4 +54,4 @@ def test_a_failure_during_the_bake_puts_production_back_on_the_champion(world): 
         assert catalog.get_alias(s, "demo", "production").version.version == 1
         assert catalog.get_version(s, "demo", 1).status == "production"
         v2 = catalog.get_version(s, "demo", 2)
-        assert v2.status == "rejected" and "bake: no healthy replica" in v2.status_reason
+        assert v2.status == "rejected" and "bake: unhealthy in Serve" in v2.status_reason
