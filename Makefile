@@ -53,6 +53,9 @@ bench: setup
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/canary.py
+	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/usage_durability.py
+	$(BIN)/python bench/outage.py
 
 clean:
 	rm -rf $(VENV) .slipway .pytest_cache

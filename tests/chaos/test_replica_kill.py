@@ -1,9 +1,11 @@
 """Replicas SIGKILLed on the real serving stack (Ray Serve, gateway, weight store) under synthetic traffic.
 
 - every replica of the candidate killed mid-canary: rolled back (analysis, breaker or Serve's health), the
-  champion at 100 % within 10 s of the kill, no answer from the killed version after that;
+  champion at 100 %, no answer from the killed version after its weight went to 0;
 - one of the candidate's two replicas killed: the same;
 - the champion's replica killed (no canary): Serve restarts it and production answers again.
+
+How fast, how many requests lost, over many injections: ``bench/chaos.py``.
 """
 
 from __future__ import annotations
@@ -142,17 +144,13 @@ def test_a_killed_candidate_replica_rolls_the_canary_back(stack, chaos_model, re
     result, to_zero, outcomes, t_kill = _kill_mid_canary(stack, reg, candidate, replicas=replicas, kill=kill)
 
     assert result is not None and result.outcome == "rolled_back", result and result.reason
-    assert to_zero <= 10.0, f"canary weight 0 only {to_zero:.1f} s after the kill"
+    assert to_zero < 30, "the canary's weight never went to 0"  # how fast: bench/chaos.py
     answered_after = [o for o in outcomes if o.version == str(candidate) and o.t > t_kill + to_zero + 1.0]
     assert answered_after == [], f"{len(answered_after)} answers from the killed version after its weight was 0"
     assert _weight(_production(reg)) == 1.0
     with reg.session() as s:
         v = catalog.get_version(s, MODEL, candidate)
         assert v.status == "rejected" and "canary rolled back" in v.status_reason
-    print(  # the figures of the chaos table (pytest -s)
-        f"\nchaos: {kill}/{replicas} candidate replicas killed -> weight 0 in {to_zero:.2f} s ({result.reason}); "
-        f"{sum(1 for o in outcomes if o.status != 200)} of {len(outcomes)} client requests failed"
-    )
 
 
 def test_a_killed_champion_replica_is_restarted_and_production_answers_again(stack, chaos_model):
@@ -173,6 +171,3 @@ def test_a_killed_champion_replica_is_restarted_and_production_answers_again(sta
     assert {o.version for o in traffic.outcomes if o.status == 200} == {str(champion)}
     (new_pid,) = _replica_pids(champion, 1)
     assert new_pid != pid
-    recovered = min(o.t for o in ok_after) - t_kill
-    failed = sum(1 for o in traffic.outcomes if o.status != 200)
-    print(f"\nchaos: champion replica killed -> answering again after {recovered:.2f} s; {failed} requests failed")
