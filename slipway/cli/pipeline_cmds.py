@@ -49,7 +49,7 @@ def _policy_failure(e: Exception) -> typer.Exit:
 
 
 def validate(
-    paths: Annotated[list[str] | None, typer.Argument(help="Files or directories. Default ./policies.")] = None,
+    paths: Annotated[list[str] | None, typer.Argument(help="Files or directories. Default $SLIPWAY_POLICIES, else ./policies.")] = None,
     policies: PoliciesOpt = None,
 ) -> None:
     """Check documents and the references between them without running anything (exit 2 on errors)."""
