@@ -19,7 +19,7 @@ runs_app = typer.Typer(help="Pipeline runs and their steps.", no_args_is_help=Tr
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 PoliciesOpt = Annotated[
     str | None,
-    typer.Option("--policies", help="Directory of documents that pipelines may reference. Default ./policies."),
+    typer.Option("--policies", help="Directory of documents that pipelines may reference. Default $SLIPWAY_POLICIES or ./policies."),
 ]
 _STATUS_STYLE = {
     "pending": "dim",
@@ -49,7 +49,9 @@ def _policy_failure(e: Exception) -> typer.Exit:
 
 
 def validate(
-    paths: Annotated[list[str] | None, typer.Argument(help="Files or directories. Default $SLIPWAY_POLICIES, else ./policies.")] = None,
+    paths: Annotated[
+        list[str] | None, typer.Argument(help="Files or directories. Default $SLIPWAY_POLICIES or ./policies.")
+    ] = None,
     policies: PoliciesOpt = None,
 ) -> None:
     """Check documents and the references between them without running anything (exit 2 on errors)."""
