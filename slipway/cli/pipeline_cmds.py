@@ -19,7 +19,10 @@ runs_app = typer.Typer(help="Pipeline runs and their steps.", no_args_is_help=Tr
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 PoliciesOpt = Annotated[
     str | None,
-    typer.Option("--policies", help="Directory of documents that pipelines may reference. Default $SLIPWAY_POLICIES or ./policies."),
+    typer.Option(
+        "--policies",
+        help="Directory of documents that pipelines may reference. Default $SLIPWAY_POLICIES or ./policies.",
+    ),
 ]
 _STATUS_STYLE = {
     "pending": "dim",
