@@ -293,7 +293,9 @@ class Gateway:
                 log.exception("pushing metrics failed")
 
     async def _push_once(self) -> None:
-        await self.store.push.remote(self.replica, self.recorder.drain(), self.inflight.snapshot())
+        await self.store.push.remote(
+            self.replica, self.recorder.drain(), self.inflight.snapshot(), self.inflight.oldest()
+        )
 
     async def _flush_prompt_logs(self) -> None:
         while True:

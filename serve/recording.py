@@ -100,22 +100,36 @@ def status_for(e: BaseException) -> int:
 
 
 class InFlight:
-    """Requests in flight per model and per version: the queue bound of admission and the drain signal."""
+    """Requests in flight per model and per version: the queue bound of admission, the drain signal, and how
+    long the oldest has been waiting (a hung replica's requests never finish, so no latency window sees them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.by_model: dict[str, int] = defaultdict(int)
         self.by_version: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.started: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)  # request id -> start
+        self.clock = clock
 
-    def enter(self, model: str, version: str) -> None:
+    def enter(self, model: str, version: str, rid: str = "") -> None:
         self.by_model[model] += 1
         self.by_version[model][version] += 1
+        if rid:
+            self.started[(model, version)][rid] = self.clock()
 
-    def exit(self, model: str, version: str) -> None:
+    def exit(self, model: str, version: str, rid: str = "") -> None:
         self.by_model[model] -= 1
         self.by_version[model][version] -= 1
+        self.started.get((model, version), {}).pop(rid, None)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {m: dict(vs) for m, vs in self.by_version.items()}
+
+    def oldest(self) -> dict[str, dict[str, float]]:
+        """Seconds the oldest request still in flight has waited, per model and version (only those waiting)."""
+        now, out = self.clock(), defaultdict(dict)
+        for (model, version), starts in self.started.items():
+            if starts:
+                out[model][version] = round(now - min(starts.values()), 3)
+        return dict(out)
 
 
 class Breaker:
@@ -164,7 +178,7 @@ class Recorder:
         """The ticket's version is chosen: it holds an in-flight slot until it is closed."""
         t.model, t.version, t.headers, t.hold = route.model, route.version, headers, hold
         if not t.shadow:
-            self.inflight.enter(route.model, route.version)
+            self.inflight.enter(route.model, route.version, t.rid)
             t.counted = True
 
     @contextlib.asynccontextmanager
@@ -213,7 +227,7 @@ class Recorder:
             return False
         t.closed = True
         if t.counted and t.version is not None:
-            self.inflight.exit(t.model, t.version)
+            self.inflight.exit(t.model, t.version, t.rid)
             t.counted = False
         return True
 

@@ -32,6 +32,7 @@ class WeightStore:
         self._changed = asyncio.Event()
         self.rings: dict[tuple[str, str], SecondRing] = {}
         self.inflight: dict[str, tuple[float, dict[str, dict[str, int]]]] = {}
+        self.oldest: dict[str, tuple[float, dict[str, dict[str, float]]]] = {}  # replica -> (at, waited s)
 
     # --- desired state ---------------------------------------------------------------------------------
 
@@ -118,14 +119,22 @@ class WeightStore:
 
     # --- metrics ---------------------------------------------------------------------------------------
 
-    def push(self, replica: str, buckets: list[tuple[str, str, int, dict[str, Any]]], inflight: dict) -> None:
-        """Merge one gateway replica's finished per-second buckets and its current in-flight counts."""
+    def push(
+        self,
+        replica: str,
+        buckets: list[tuple[str, str, int, dict[str, Any]]],
+        inflight: dict,
+        oldest: dict[str, dict[str, float]] | None = None,
+    ) -> None:
+        """Merge one gateway replica's finished per-second buckets, its current in-flight counts and how long
+        its oldest request in flight per version has waited."""
         for model, version, second, b in buckets:
             ring = self.rings.get((model, version))
             if ring is None:
                 ring = self.rings[(model, version)] = SecondRing()
             ring.add(second, Bucket.from_dict(b))
         self.inflight[replica] = (time.time(), inflight)
+        self.oldest[replica] = (time.time(), oldest or {})
 
     def metrics(self, model: str, *, seconds: float | None = None, last_n: int | None = None) -> dict[str, Any]:
         """Per-version summaries over the last ``seconds`` or the newest ``last_n`` requests (default 60 s)."""
@@ -139,6 +148,13 @@ class WeightStore:
             else:
                 span = seconds or 60.0
                 out[v] = summarize(ring.by_time(now, span), seconds=span)
+        for at, ages in self.oldest.values():  # a request that never finishes is in no window: say how old
+            if now - at >= REPLICA_STALE_S:
+                continue
+            for v, waited in ages.get(model, {}).items():
+                entry = out.setdefault(v, {"requests": 0})
+                # as of the replica's last push (not extrapolated: the request may have finished since)
+                entry["oldest_inflight_ms"] = max(entry.get("oldest_inflight_ms", 0.0), waited * 1000)
         return out
 
     def inflight_total(self, model: str, version: int) -> int:

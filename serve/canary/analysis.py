@@ -41,6 +41,9 @@ def judge(
     quality: Mapping[str, float] | None = None,
 ) -> Verdict:
     """Judge one window. Fewer than ``min_requests`` canary requests gives no verdict (inconclusive)."""
+    stuck = _stuck(analysis, canary, champion)
+    if stuck is not None:  # requests that never finish appear in no latency percentile: judge their age
+        return Verdict("fail", [stuck], {"oldest_inflight_ms": (canary or {}).get("oldest_inflight_ms")})
     served = int((canary or {}).get("requests", 0))
     if served < analysis.min_requests:
         return Verdict(
@@ -64,6 +67,32 @@ def judge(
             continue  # e.g. no TTFT without streaming traffic: nothing to judge
         failures += _check(m, value, base)
     return Verdict("fail" if failures else "pass", failures, values)
+
+
+def latency_bound_ms(analysis: Analysis, champion: Mapping[str, Any] | None) -> float | None:
+    """The tightest latency a canary request may take under the plan's ``latency_*`` metrics: an absolute
+    ``thresholdRange.max``, or a bound relative to the champion's value in the same window. None: no bound."""
+    bounds = []
+    for m in analysis.metrics:
+        if not m.name.startswith("latency_"):
+            continue
+        if m.thresholdRange is not None and m.thresholdRange.max is not None:
+            bounds.append(m.thresholdRange.max)
+        base = metric_value(champion, m.name)
+        if m.relative is not None and base is not None:
+            if m.relative.max_ratio is not None:
+                bounds.append(base * m.relative.max_ratio)
+            if m.relative.max_increase is not None:
+                bounds.append(base + m.relative.max_increase)
+    return min(bounds) if bounds else None
+
+
+def _stuck(analysis: Analysis, canary: Mapping[str, Any] | None, champion: Mapping[str, Any] | None) -> str | None:
+    waited = (canary or {}).get("oldest_inflight_ms")
+    bound = latency_bound_ms(analysis, champion)
+    if waited is None or bound is None or waited <= bound:
+        return None
+    return f"a canary request has been in flight {waited:.0f} ms, past the latency bound {bound:.0f} ms"
 
 
 def _check(m: AnalysisMetric, value: float, base: float | None) -> list[str]:

@@ -171,3 +171,33 @@ def test_a_killed_champion_replica_is_restarted_and_production_answers_again(sta
     assert {o.version for o in traffic.outcomes if o.status == 200} == {str(champion)}
     (new_pid,) = _replica_pids(champion, 1)
     assert new_pid != pid
+
+
+def test_a_hung_candidate_is_rolled_back_before_its_requests_finish(stack, chaos_model):
+    """Its requests never finish (20 s extra latency), so no latency percentile sees them; the age of the oldest
+    one in flight does, and fails the windows."""
+    from slipway.policies.servingconfig import FaultInjection
+    from slipway.serve import control
+
+    reg, candidate = chaos_model
+    champion = _production(reg)
+    plan = PLAN | {
+        "analysis": PLAN["analysis"]
+        | {"metrics": [*PLAN["analysis"]["metrics"], {"name": "latency_p99", "relative": {"max_increase": 1000}}]}
+    }
+    hang = FaultInjection(error_rate=0.0, extra_latency_ms=20_000, after_s=4.0)
+    holder = promotion.holder_id(f"chaos-{candidate}")
+    with reg.session() as s:
+        leases.acquire(s, model=MODEL, holder=holder)
+    ctl = Controller(
+        reg, CanaryPlan.model_validate(plan), model=MODEL, candidate=candidate, champion=champion,
+        holder=holder, control=control, serving_config=_config().model_copy(update={"fault_injection": hang}),
+    )  # fmt: skip
+    with Traffic(f"{stack.base_url}/v1", stack.key(), MODEL, ["chaos monkey"], rps=20, max_tokens=4):
+        result = ctl.run()
+    with reg.session() as s:
+        leases.release(s, model=MODEL, holder=holder)
+
+    assert result.outcome == "rolled_back"
+    assert "in flight" in result.reason and "past the latency bound" in result.reason, result.reason
+    assert _weight(champion) == 1.0
