@@ -41,7 +41,10 @@ def acquire(
     if lease.holder != holder and lease.expires_at > now:
         left = int((lease.expires_at - now).total_seconds())
         run = f" (run {lease.run_id})" if lease.run_id else ""
-        raise LeaseHeld(f"promotion of {model!r} is already running: held by {lease.holder}{run}, expires in {left}s")
+        raise LeaseHeld(
+            f"promotion of {model!r} is already running: held by {lease.holder}{run}, expires in {left}s; if that "
+            f"process is gone, `slipway reconcile --model {model}` aborts it (the scheduled reconcile does too)"
+        )
     before = {"holder": lease.holder, "run_id": lease.run_id, "expired": lease.expires_at <= now}
     res = s.execute(
         update(PromotionLease)

@@ -20,9 +20,11 @@ def demo(registry):
 def test_second_promotion_is_refused_naming_the_running_one(demo):
     with demo.session() as s:
         leases.acquire(s, model="demo", holder="flow-a", run_id="run-a")
-    with pytest.raises(LeaseHeld, match=r"promotion of 'demo' is already running: held by flow-a \(run run-a\)"):
+    with pytest.raises(LeaseHeld, match=r"promotion of 'demo' is already running: held by flow-a \(run run-a\)") as e:
         with demo.session() as s:
             leases.acquire(s, model="demo", holder="flow-b", run_id="run-b")
+    assert str(e.value).endswith("if that process is gone, `slipway reconcile --model demo` aborts it "
+                                 "(the scheduled reconcile does too)")  # fmt: skip
     with demo.session() as s:
         assert leases.current(s, model="demo").holder == "flow-a"
 
