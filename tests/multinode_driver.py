@@ -4,6 +4,7 @@
     python -m tests.multinode_driver deploy HTTP_PORT METRICS_URL [METRICS_URL ...]
     python -m tests.multinode_driver recover HTTP_PORT OLD_NODE_ID
     python -m tests.multinode_driver haproxy HTTP_PORT
+    python -m tests.multinode_driver observe HTTP_PORT PROMETHEUS_URL
 
 ``deploy`` starts Serve (proxy on the head only: both nodes share this machine's ports), the gateway (JWT auth,
 a CostBudget) and ``echo`` v1 with two replicas at ``num_gpus: 0.5``; answers requests (plain and streamed)
@@ -11,6 +12,9 @@ through the gateway; reports the replicas' nodes and GPU ids and every metric na
 export. ``recover`` waits until both replicas run again on a node other than ``OLD_NODE_ID`` and answer.
 ``haproxy`` runs against a cluster started with the ``haproxy`` ingress: the gateway and echo v1, requests plain
 and streamed, the official ``openai`` client, a second version given half the traffic and removed under load.
+``observe`` runs the gateway, ``echo`` v1 and a broken v2 at half the traffic while a real Prometheus scrapes the
+cluster: requests keep coming until Prometheus has seen v2's errors rise, then v2's breaker is armed and traffic
+goes on until Prometheus sees the tripped breaker's zero weight.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -208,6 +213,52 @@ def haproxy(port: int) -> dict[str, Any]:
     }
 
 
+def _prometheus_has(prom: str, expr: str) -> bool:
+    url = f"{prom}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return bool(json.load(r)["data"]["result"])
+
+
+def observe(port: int, prom: str, timeout_s: float = 90) -> dict[str, Any]:
+    from ray import serve
+
+    from slipway.policies.servingconfig import FaultInjection, ServingConfig
+    from slipway.serve import control
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    control.deploy_gateway({"jwt_secret": JWT_SECRET, "budget": BUDGET, "metrics_push_s": 0.25})
+    cfg = ServingConfig.for_model(
+        "echo", backend="echo", ray_actor_options={"num_cpus": 0.1}, max_batch_size=8, batch_wait_timeout_s=0.005
+    )
+    control.deploy_version("echo", 1, config=cfg)
+    broken = ServingConfig.for_model(
+        "echo", backend="echo", ray_actor_options={"num_cpus": 0.1}, fault_injection=FaultInjection(error_rate=1.0)
+    )
+    control.deploy_version("echo", 2, config=broken)
+    control.set_weights("echo", {1: 0.5, 2: 0.5}, reason="observe: a broken canary")
+    codes: list[int] = []
+    t0 = time.monotonic()
+    # rate() needs two samples of a counter that differ: errors must go on after Prometheus first saw the series
+    # (a counter Ray exports for the first time already holds every error so far)
+    stages = [
+        'increase(ray_slipway_errors_total{version="2"}[1m]) > 0',
+        'max(ray_slipway_traffic_weight{version="2"}) == 0',
+    ]
+    for stage in stages:
+        while not _prometheus_has(prom, stage):
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"Prometheus never saw {stage}")
+            codes += _ask(port, 4)
+            time.sleep(0.5)
+        if stage is stages[0]:
+            control.set_breaker("echo", 2, 3)
+    return {
+        "codes": {str(k): codes.count(k) for k in set(codes)},
+        "seconds": round(time.monotonic() - t0, 1),
+        "tripped": control.breaker_tripped("echo", 2),
+    }
+
+
 def _wait_for_gpu_node(timeout_s: float = 120) -> None:
     """Until the cluster counts a live node with GPUs (a node that just started may not be registered yet)."""
     import ray
@@ -227,6 +278,9 @@ def main(argv: list[str]) -> int:
     phase, port = argv[0], int(argv[1])
     if phase == "haproxy":
         print(json.dumps(haproxy(port)), flush=True)
+        return 0
+    if phase == "observe":
+        print(json.dumps(observe(port, argv[2])), flush=True)
         return 0
     _wait_for_gpu_node()
     out = deploy(port, argv[2:]) if phase == "deploy" else recover(port, argv[2])

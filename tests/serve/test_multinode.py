@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(REPO / ".venv" / "bin" / "ray")
@@ -230,3 +231,48 @@ def test_the_haproxy_ingress_serves_the_gateway(tmp_path: Path) -> None:
     # a version added, given half the traffic and removed while 8 clients keep asking: no request failed
     assert set(out["under_load"]) == {"200"} and out["under_load"]["200"] > 50, out["under_load"]
     assert "echo-v2" not in out["apps"] and "echo-v1" in out["apps"], out["apps"]
+
+
+DASHBOARD = REPO / "infra" / "observability" / "grafana-dashboard.json"
+# What the traffic of the driver's ``observe`` phase must set off (the queue alert's expression is evaluated too)
+PROVOKED = {"SlipwayGateway5xx", "SlipwayCanaryErrorRate", "SlipwayVersionCutOffByErrors"}
+
+
+def _dashboard_queries() -> dict[str, str]:
+    """Every PromQL expression of the dashboard by where it is, Grafana's ``$model`` given a value."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = {f"panel {p['id']} {t['refId']}": t["expr"] for p in dash["panels"] for t in p["targets"]}
+    for var in dash["templating"]["list"]:
+        if m := re.fullmatch(r"label_values\((.+), (\w+)\)", str(var.get("query", ""))):
+            out[f"variable {var['name']}"] = f"count by ({m[2]}) ({m[1]})"  # what Grafana asks Prometheus
+    return {k: v.replace("$model", "echo") for k, v in out.items()}
+
+
+def _alert_rules() -> dict[str, str]:
+    doc = yaml.safe_load((REPO / "infra" / "observability" / "alerts.yml").read_text())
+    return {r["alert"]: r["expr"] for g in doc["groups"] for r in g["rules"]}
+
+
+def test_prometheus_answers_every_dashboard_and_alert_query_and_the_alerts_fire(cluster, prometheus) -> None:
+    prom = prometheus([f"127.0.0.1:{p}" for p in cluster["metrics"][:1]])  # the head: the only node here
+    print(f"prometheus ready {prom.ready_s} s after start")
+    out = _driver(cluster["env"], "observe", str(cluster["http"]), prom.url, timeout=240)
+    print(f"observe: {out}")
+    assert out["tripped"] and "breaker" in out["tripped"]["reason"], out
+
+    empty = {where: q for where, q in _dashboard_queries().items() if not prom.wait_for(q, timeout_s=20)}
+    assert not empty, f"dashboard queries without data after traffic: {empty}"
+    for name, expr in _alert_rules().items():
+        # the expression as it is (it parses and runs) and without its threshold (its series exist and join)
+        prom.query(expr)
+        signal_only = re.sub(r"\s*[<>=!]=?\s*[0-9.]+\s*$", "", expr)
+        assert prom.wait_for(signal_only, timeout_s=20), f"{name}: no data for {signal_only}"
+    broken = [(r["name"], r.get("lastError")) for r in prom.rules() if r.get("health") != "ok"]
+    assert not broken, broken
+
+    deadline = time.monotonic() + 30
+    while not set(active := prom.alerts()) >= PROVOKED and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert set(active) >= PROVOKED, (sorted(active), prom.query('{__name__=~"ray_slipway_.*"}')[:5])
+    cut = active["SlipwayVersionCutOffByErrors"][0]["labels"]
+    assert (cut["model"], cut["version"]) == ("echo", "2"), cut
