@@ -21,6 +21,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 # Fixture modules of each pillar, kept beside the tests that use them.
 pytest_plugins: list[str] = [
+    "tests.plugins.openbao",  # first: governance and serving import it
     "tests.plugins.governance",
     "tests.plugins.serving",
     "tests.plugins.pipelines",
