@@ -8,8 +8,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# The real infrastructure parts of the tests (tests/plugins/prometheus.py, tests/test_infra.py): Debian's Prometheus
+# (apt, when prometheus/promtool are missing) and Grafana's dashboard JSON Schema, generated from Grafana's own
+# pinned npm package into $(INFRA), never copied by hand.
+INFRA := $(VENV)/infra
+GRAFANA_SCHEMA_NPM := @grafana/schema@13.2.3 ts-json-schema-generator@2.4.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo demo-rollback test lint imports bench clean
+.PHONY: setup infra demo demo-rollback test lint imports bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +28,18 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 setup: $(VENV)/.installed
 
+$(INFRA)/.installed: $(BIN)/python Makefile
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+	mkdir -p $(INFRA)
+	cd $(INFRA) && echo '{"private": true}' > package.json && \
+		npm install --no-audit --no-fund --silent $(GRAFANA_SCHEMA_NPM)
+	cd $(INFRA) && npx --no-install ts-json-schema-generator --no-type-check --type Dashboard \
+		--path node_modules/@grafana/schema/dist/types/raw/dashboard/x/types.gen.d.ts -o grafana-dashboard.schema.json
+	touch $@
+
+infra: $(INFRA)/.installed
+
 demo: setup
 	$(BIN)/python -m slipway.cli.demo
 
@@ -29,7 +47,7 @@ demo: setup
 demo-rollback: setup
 	$(BIN)/python -m slipway.cli.demo --sabotage --skip-promote
 
-test: setup imports
+test: setup infra imports
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
