@@ -1,7 +1,9 @@
-"""vault:// references resolved by hvac over HTTP against the Vault API test double; tokens renewed; nothing logged."""
+"""vault:// references resolved by hvac against a real OpenBao server holding production's ``slipway`` policy;
+AppRole and Kubernetes login; tokens renewed; nothing logged."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -10,28 +12,35 @@ from pydantic_settings import SettingsConfigDict
 
 from slipway import secrets
 from slipway.secrets import SecretError, VaultClient, VaultResolvingSettings, VaultSettings
+from tests.plugins.openbao import PROMPTS_KEY, SLIPWAY_POLICY
 
 # One worker runs the whole module in order, so the last test sees every log line the others produced.
 pytestmark = [pytest.mark.usefixtures("all_log_lines"), pytest.mark.xdist_group("secrets-logs")]
 
 DB_PASSWORD = "pw-7f3a9c1e2d"  # every secret value used here; none may appear in any log line
 JWT_KEY = "jwt-5b8e0d4c6a91f2"
-ROLE_SECRET = "approle-secret-93kd8"
-K8S_JWT = "eyJhbGciOiJSUzI1NiJ9.k8s-sa-token-44x"
-SECRETS = [DB_PASSWORD, JWT_KEY, ROLE_SECRET, K8S_JWT]
+SECRETS = [DB_PASSWORD, JWT_KEY]  # ... and every token, secret id and service-account token the tests obtain
 
 
 @pytest.fixture
 def kv(vault_env):
     vault_env.put("secret", "slipway/db", {"password": DB_PASSWORD, "user": "slipway"})
     vault_env.put("secret", "slipway/gateway", {"jwt_key": JWT_KEY})
-    SECRETS.append(vault_env.state.root_token)
+    SECRETS.extend([vault_env.root_token, os.environ["SLIPWAY_VAULT_TOKEN"]])
     return vault_env
 
 
+def approle(bao, name, **ttls):
+    """AppRole role ``name`` with the ``slipway`` policy; its settings for VaultClient (role id = name)."""
+    secret_id = bao.approle(name, policies=[SLIPWAY_POLICY], **ttls)
+    SECRETS.append(secret_id)
+    return VaultSettings(addr=bao.url, auth="approle", role_id=name, secret_id=secret_id, cache_ttl_s=0)
+
+
 def test_a_reference_resolves_through_kv_v2_over_http(kv):
+    mark = kv.audit_mark()
     assert secrets.resolve("vault://secret/slipway/db#password") == DB_PASSWORD
-    assert "GET /v1/secret/data/slipway/db" in kv.state.requests
+    assert "read secret/data/slipway/db" in kv.calls(mark)
 
 
 def test_a_database_url_embeds_a_reference(kv):
@@ -62,19 +71,39 @@ def test_bad_references_are_one_line_errors_without_values(kv, ref, error):
     assert DB_PASSWORD not in str(e.value)
 
 
+def test_a_deleted_secret_does_not_resolve_to_an_older_version(kv):
+    kv.put("secret", "slipway/retired", {"password": "old-" + DB_PASSWORD})
+    kv.put("secret", "slipway/retired", {"password": "new-" + DB_PASSWORD})
+    SECRETS.extend(["old-" + DB_PASSWORD, "new-" + DB_PASSWORD])
+    assert secrets.resolve("vault://secret/slipway/retired#password") == "new-" + DB_PASSWORD
+    kv.client().secrets.kv.v2.delete_latest_version_of_secret(path="slipway/retired", mount_point="secret")
+    c = VaultClient(VaultSettings(addr=kv.url, token=os.environ["SLIPWAY_VAULT_TOKEN"]))
+    with pytest.raises(SecretError, match=r"vault://secret/slipway/retired#password: no secret at secret/slipway/"):
+        c.read("vault://secret/slipway/retired#password")
+
+
+def test_the_slipway_policy_denies_secrets_outside_slipway(kv):
+    kv.put("secret", "billing/stripe", {"key": "sk-" + DB_PASSWORD})
+    SECRETS.append("sk-" + DB_PASSWORD)
+    with pytest.raises(SecretError, match=r"^vault://secret/billing/stripe#key: permission denied by Vault$"):
+        secrets.resolve("vault://secret/billing/stripe#key")
+
+
 def test_approle_login(kv):
-    kv.state.approles["role-1"] = ROLE_SECRET
-    st = VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id=ROLE_SECRET)
+    st = approle(kv, "login-test")
+    mark = kv.audit_mark()
     assert VaultClient(st).read("vault://secret/slipway/gateway#jwt_key") == JWT_KEY
-    assert "POST /v1/auth/approle/login" in kv.state.requests
-    bad = VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id="wrong")
+    assert kv.calls(mark)[:2] == ["update auth/approle/login", "read secret/data/slipway/gateway"]
+    bad = st.model_copy(update={"secret_id": SecretStr("wrong")})
     with pytest.raises(SecretError, match=r"cannot log in to Vault at http://127.0.0.1:\d+ \(approle\): invalid role"):
         VaultClient(bad).read("vault://secret/slipway/gateway#jwt_key")
 
 
 def test_kubernetes_login_reads_the_service_account_token(kv, tmp_path):
-    kv.state.k8s_roles["slipway"] = K8S_JWT
-    (tmp_path / "token").write_text(K8S_JWT + "\n")
+    """The role and policy are infra/vault's; the service-account token is reviewed by the TokenReview double."""
+    jwt = kv.kubernetes.service_account_jwt()
+    SECRETS.append(jwt)
+    (tmp_path / "token").write_text(jwt + "\n")
     st = VaultSettings(addr=kv.url, auth="kubernetes", k8s_role="slipway", k8s_jwt_path=tmp_path / "token")
     assert VaultClient(st).read("vault://secret/slipway/db#user") == "slipway"
     missing = VaultSettings(addr=kv.url, auth="kubernetes", k8s_role="slipway", k8s_jwt_path=tmp_path / "nope")
@@ -82,28 +111,36 @@ def test_kubernetes_login_reads_the_service_account_token(kv, tmp_path):
         VaultClient(missing).read("vault://secret/slipway/db#user")
 
 
+def test_kubernetes_login_refuses_a_service_account_the_role_does_not_bind(kv, tmp_path):
+    (tmp_path / "token").write_text(kv.kubernetes.service_account_jwt(namespace="default", name="slipway"))
+    st = VaultSettings(addr=kv.url, auth="kubernetes", k8s_role="slipway", k8s_jwt_path=tmp_path / "token")
+    with pytest.raises(SecretError, match=r"cannot log in to Vault at .* \(kubernetes\): .*not authorized"):
+        VaultClient(st).read("vault://secret/slipway/db#user")
+
+
 def test_the_token_is_renewed_before_it_expires(kv):
-    kv.state.approles["role-1"] = ROLE_SECRET
-    kv.state.token_ttl = 2
-    c = VaultClient(VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id=ROLE_SECRET, cache_ttl_s=0))
+    c = VaultClient(approle(kv, "renewal-test", token_ttl="2s"))
+    mark = kv.audit_mark()
     c.start_renewal(min_interval_s=0.2)
     try:
         time.sleep(3.0)  # past the first token's TTL
-        assert kv.state.renewals >= 2
+        assert kv.calls(mark).count("update auth/token/renew-self") >= 2
         assert c.read("vault://secret/slipway/db#password") == DB_PASSWORD
     finally:
         c.stop()
 
 
 def test_an_expired_token_is_replaced_by_a_fresh_login(kv):
-    kv.state.approles["role-1"] = ROLE_SECRET
-    kv.state.token_ttl = 1
-    c = VaultClient(VaultSettings(addr=kv.url, auth="approle", role_id="role-1", secret_id=ROLE_SECRET, cache_ttl_s=0))
+    st = approle(kv, "expiry-test", token_ttl="1s")
+    mark = kv.audit_mark()
+    c = VaultClient(st)
     c.read("vault://secret/slipway/db#user")
-    time.sleep(1.2)
-    kv.state.token_ttl = 60
-    assert c.renew() == pytest.approx(60, abs=2)  # renew-self was refused (403), so it logged in again
-    assert kv.state.requests.count("POST /v1/auth/approle/login") == 2
+    time.sleep(1.5)
+    kv.client().auth.approle.create_or_update_approle("expiry-test", token_policies=[SLIPWAY_POLICY], token_ttl="60s")
+    assert c.renew() == pytest.approx(60, abs=2)  # renew-self was refused, so it logged in again
+    calls = kv.calls(mark)
+    assert "update auth/token/renew-self: permission denied" in calls
+    assert calls.count("update auth/approle/login") == 2
     assert c.read("vault://secret/slipway/db#password") == DB_PASSWORD
 
 
@@ -146,12 +183,13 @@ def test_slipway_settings_resolve_the_registry_url_and_s3_credentials(kv, monkey
     assert _secret("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
-def test_transit_encrypts_and_decrypts(kv):
-    c = VaultClient(VaultSettings(addr=kv.url, token=kv.state.root_token))
-    ct = c.encrypt("prompts", DB_PASSWORD.encode())
-    assert ct.startswith("vault:v1:") and DB_PASSWORD not in ct
-    assert c.decrypt("prompts", ct) == DB_PASSWORD.encode()
-    assert "POST /v1/transit/encrypt/prompts" in kv.state.requests
+def test_transit_encrypts_and_decrypts_with_the_slipway_key(kv):
+    c = VaultClient(VaultSettings(addr=kv.url, token=os.environ["SLIPWAY_VAULT_TOKEN"]))
+    mark = kv.audit_mark()
+    ct = c.encrypt(PROMPTS_KEY, DB_PASSWORD.encode())
+    assert ct.startswith("vault:v") and DB_PASSWORD not in ct
+    assert c.decrypt(PROMPTS_KEY, ct) == DB_PASSWORD.encode()
+    assert kv.calls(mark)[-2:] == [f"update transit/encrypt/{PROMPTS_KEY}", f"update transit/decrypt/{PROMPTS_KEY}"]
 
 
 def test_no_secret_value_appears_in_any_log_line(all_log_lines):

@@ -1,5 +1,6 @@
-"""Governance fixtures: the Vault test double over HTTP, S3 and KMS through moto in server mode, and a capture of
-every log line a test module emits (to prove no secret value is ever logged)."""
+"""Governance fixtures: Vault access to the session's OpenBao server (``tests/plugins/openbao.py``), S3 and KMS
+through moto in server mode, and a capture of every log line a test module emits (to prove no secret value is ever
+logged)."""
 
 from __future__ import annotations
 
@@ -12,26 +13,20 @@ from typing import Any
 
 import pytest
 
-from tests.plugins.vault_double import VaultDouble
+from tests.plugins.openbao import SLIPWAY_POLICY, OpenBao
 
 
 @pytest.fixture
-def vault() -> Iterator[VaultDouble]:
-    """The Vault API test double on a free port (KV v2, transit, token/AppRole/Kubernetes auth)."""
-    with VaultDouble() as v:
-        yield v
-
-
-@pytest.fixture
-def vault_env(vault: VaultDouble, monkeypatch: pytest.MonkeyPatch) -> Iterator[VaultDouble]:
-    """``SLIPWAY_VAULT_*`` pointing at the double with its root token; a fresh process-wide client."""
+def vault_env(openbao: OpenBao, monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenBao]:
+    """``SLIPWAY_VAULT_*`` pointing at OpenBao with a fresh token of the ``slipway`` policy (what production
+    grants); a fresh process-wide client."""
     from slipway import secrets
 
-    monkeypatch.setenv("SLIPWAY_VAULT_ADDR", vault.url)
+    monkeypatch.setenv("SLIPWAY_VAULT_ADDR", openbao.url)
     monkeypatch.setenv("SLIPWAY_VAULT_AUTH", "token")
-    monkeypatch.setenv("SLIPWAY_VAULT_TOKEN", vault.state.root_token)
+    monkeypatch.setenv("SLIPWAY_VAULT_TOKEN", openbao.token(policies=[SLIPWAY_POLICY]))
     secrets.default_client.cache_clear()
-    yield vault
+    yield openbao
     if secrets.default_client.cache_info().currsize:
         secrets.default_client().stop()
     secrets.default_client.cache_clear()

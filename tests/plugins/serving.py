@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 
+from tests.plugins.openbao import PROMPTS_KEY, SLIPWAY_POLICY, OpenBao
+
 REDIS_URL = os.environ.get("SLIPWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TINY = "tiny"
 ECHO = "echo"
+PROMPT_LOG_KEY = PROMPTS_KEY  # the transit key infra/vault creates: the slipway policy may not create one
 # The gateway's budgets: only keys of this team count against the hard limit (other tests never hit it). The
 # echo model costs $0.01 a token; the budget's name is fresh per session so Redis holds no earlier spend.
-PROMPT_LOG_KEY = "prompt-logs"
 BUDGET_TEAM = "budget-drill"
 BUDGET_HARD = 2.0
 BUDGET_NAME = f"drill-{uuid.uuid4().hex[:8]}"
@@ -130,18 +132,26 @@ def serving_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
     reg.dispose()
 
 
+@dataclass(frozen=True)
+class PromptLogVault:
+    """Where the gateway's prompt logs are sealed (OpenBao transit, a token of the ``slipway`` policy) and stored."""
+
+    url: str
+    token: str
+    artifact_root: str
+
+
 @pytest.fixture(scope="session")
-def prompt_log_vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A Vault double (transit) for the gateway's prompt logs, and the artifact root they are stored under."""
-    from tests.plugins.vault_double import VaultDouble
-
-    with VaultDouble() as v:
-        v.artifact_root = (tmp_path_factory.mktemp("prompt-logs")).as_uri()
-        yield v
+def prompt_log_vault(openbao: OpenBao, tmp_path_factory: pytest.TempPathFactory) -> PromptLogVault:
+    """The session's OpenBao for the gateway's prompt logs, and the artifact root they are stored under."""
+    token = openbao.token(policies=[SLIPWAY_POLICY], ttl="24h")
+    return PromptLogVault(openbao.url, token, tmp_path_factory.mktemp("prompt-logs").as_uri())
 
 
 @pytest.fixture(scope="session")
-def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path, prompt_log_vault: Any) -> Iterator[Stack]:
+def stack(
+    ray_serve: str, serving_registry: Any, tiny_model_dir: Path, prompt_log_vault: PromptLogVault
+) -> Iterator[Stack]:
     """The gateway (two replicas, Redis when reachable) with ``tiny`` v1 (real model, two replicas at
     0.5 GPU each) and ``echo`` v1 + v2 live."""
     from slipway.policies.servingconfig import ServingConfig
@@ -161,7 +171,7 @@ def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path, prompt_lo
             "key_cache_ttl_s": 0.5,
             "jwt_secret": "test-secret-for-jwt-hs256-32bytes!",
             "budget": BUDGET,
-            # exchanges with TINY are logged: redacted, sealed by the Vault double's transit, stored as files
+            # exchanges with TINY are logged: redacted, sealed by OpenBao's transit, stored as files
             "prompt_log": {"models": [TINY], "encryption": "vault", "transit_key": PROMPT_LOG_KEY, "batch_size": 5},
             "prompt_log_flush_s": 0.5,
         },
@@ -169,7 +179,7 @@ def stack(ray_serve: str, serving_registry: Any, tiny_model_dir: Path, prompt_lo
         env={
             "SLIPWAY_VAULT_ADDR": prompt_log_vault.url,
             "SLIPWAY_VAULT_AUTH": "token",
-            "SLIPWAY_VAULT_TOKEN": prompt_log_vault.state.root_token,
+            "SLIPWAY_VAULT_TOKEN": prompt_log_vault.token,
             "SLIPWAY_ARTIFACT_ROOT": prompt_log_vault.artifact_root,
         },
     )

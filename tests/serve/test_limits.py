@@ -215,7 +215,7 @@ def test_opted_in_model_exchanges_are_logged_redacted_and_encrypted(stack, promp
     rid = r.id.split("-", 1)[1]
     store = open_store(prompt_log_vault.artifact_root)
     enc = TransitEncryptor(
-        VaultClient(VaultSettings(addr=prompt_log_vault.url, token=prompt_log_vault.state.root_token)), PROMPT_LOG_KEY
+        VaultClient(VaultSettings(addr=prompt_log_vault.url, token=prompt_log_vault.token)), PROMPT_LOG_KEY
     )
     found, deadline = None, time.monotonic() + 15
     while found is None and time.monotonic() < deadline:
@@ -232,6 +232,6 @@ def test_opted_in_model_exchanges_are_logged_redacted_and_encrypted(stack, promp
     assert (
         "example.org" not in raw
         and "4111" not in raw
-        and json.loads(raw)["envelope"]["ciphertext"].startswith("vault:v1:")
+        and json.loads(raw)["envelope"]["ciphertext"].startswith("vault:v")
     )
     assert not any(k.startswith(f"prompt-logs/{ECHO}/") for k in store.list("prompt-logs"))

@@ -1,5 +1,5 @@
-"""Prompt/response logs: opt-in per model, PII redacted, encrypted (Vault transit over HTTP, or a KMS data key from
-moto in server mode), stored in the artifact store, deleted after retention with an audit event."""
+"""Prompt/response logs: opt-in per model, PII redacted, encrypted (transit of a real OpenBao server, or a KMS data
+key from moto in server mode), stored in the artifact store, deleted after retention with an audit event."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from slipway.governance import retention
 from slipway.secrets import VaultClient, VaultSettings
 from slipway.serve import promptlog
 from slipway.serve.promptlog import KmsEncryptor, PromptLogError, PromptLogger, TransitEncryptor, redact
+from tests.plugins.openbao import PROMPTS_KEY, SLIPWAY_POLICY
 
 # One worker runs the whole module in order, so the last test sees every log line the others produced.
 pytestmark = [pytest.mark.usefixtures("all_log_lines"), pytest.mark.xdist_group("promptlog")]
@@ -40,9 +41,16 @@ def test_redaction(text, expected):
     assert redact(text) == expected
 
 
-def test_vault_transit_logs_are_redacted_encrypted_and_readable(vault, tmp_path):
+def slipway_transit(bao):
+    """The prompt-log encryptor as production has it: the ``slipway`` policy, the ``slipway-prompts`` key."""
+    return TransitEncryptor(VaultClient(VaultSettings(addr=bao.url, token=bao.token(policies=[SLIPWAY_POLICY]))),
+                            PROMPTS_KEY)  # fmt: skip
+
+
+def test_vault_transit_logs_are_redacted_encrypted_and_readable(openbao, tmp_path):
     store = open_store((tmp_path / "art").as_uri())
-    enc = TransitEncryptor(VaultClient(VaultSettings(addr=vault.url, token=vault.state.root_token)), "prompts")
+    enc = slipway_transit(openbao)
+    mark = openbao.audit_mark()
     logger = PromptLogger(store=store, encryptor=enc, models=["demo"], batch_size=2)
     assert logger.log(model="other", version=1, request_id="r0", prompt=PROMPT, response=ANSWER) is False
     assert logger.log(model="demo", version=3, request_id="r1", prompt=[{"role": "user", "content": PROMPT}],
@@ -53,13 +61,32 @@ def test_vault_transit_logs_are_redacted_encrypted_and_readable(vault, tmp_path)
     assert len(keys) == 1 and keys[0].startswith(f"prompt-logs/demo/{dt.datetime.now(dt.UTC):%Y-%m-%d}/")
     raw = store.read_bytes(keys[0]).decode()
     assert [s for s in SENSITIVE if s in raw] == []  # only ciphertext is stored
-    assert json.loads(raw)["envelope"]["ciphertext"].startswith("vault:v1:")
+    assert json.loads(raw)["envelope"]["ciphertext"].startswith("vault:v")
     records = promptlog.read(store, keys[0], enc)
     assert [r["request_id"] for r in records] == ["r1", "r2"]
     assert records[0]["prompt"] == [
         {"role": "user", "content": "My card is [CARD], mail me at [EMAIL] or call [PHONE]. What is the refund policy?"}
     ]
-    assert "POST /v1/transit/encrypt/prompts" in vault.state.requests
+    transit = [c for c in openbao.calls(mark) if c.startswith("update transit/")]
+    assert transit == [f"update transit/encrypt/{PROMPTS_KEY}", f"update transit/decrypt/{PROMPTS_KEY}"]
+
+
+def test_vault_transit_logs_sealed_before_a_key_rotation_still_open(openbao, tmp_path):
+    """Rotation (an operator's act; the slipway policy may not rotate) moves new batches to the new key version;
+    batches sealed with the old one still open. The key is a fresh one, so the session's slipway-prompts stays v1."""
+    root = openbao.client()
+    root.secrets.transit.create_key(name="rotation-test", key_type="aes256-gcm96")
+    enc = TransitEncryptor(VaultClient(VaultSettings(addr=openbao.url, token=openbao.root_token)), "rotation-test")
+    store = open_store((tmp_path / "art").as_uri())
+    logger = PromptLogger(store=store, encryptor=enc, models=["demo"])
+    logger.log(model="demo", version=1, request_id="before", prompt=PROMPT, response=ANSWER)
+    (old,) = logger.flush()
+    root.secrets.transit.rotate_key(name="rotation-test")
+    logger.log(model="demo", version=1, request_id="after", prompt=PROMPT, response=ANSWER)
+    (new,) = logger.flush()
+    envelopes = [json.loads(store.read_bytes(store.key(r.uri)))["envelope"]["ciphertext"][:9] for r in (old, new)]
+    assert envelopes == ["vault:v1:", "vault:v2:"]
+    assert [promptlog.read(store, store.key(r.uri), enc)[0]["request_id"] for r in (old, new)] == ["before", "after"]
 
 
 def test_kms_data_key_logs_in_s3_and_tampering_is_detected(s3):
