@@ -106,9 +106,11 @@ def test_rows_read_but_not_acknowledged_are_claimed_and_stored_once(pg, redis_se
         await asyncio.sleep(0.3)
         alive.start()
         t = time.monotonic()
-        while alive.claimed < 20 and time.monotonic() - t < 10:
+        pending = 20
+        # claimed first, then written and acknowledged: wait for the acknowledgements, not only the claims
+        while (alive.claimed < 20 or pending) and time.monotonic() - t < 10:
             await asyncio.sleep(0.05)
-        pending = (await alive.redis.xpending(alive.stream, alive.group))["pending"]
+            pending = (await alive.redis.xpending(alive.stream, alive.group))["pending"]
         await alive.close()
         return len(entries), alive.claimed, alive.written, pending
 
