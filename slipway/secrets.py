@@ -35,6 +35,7 @@ log = logging.getLogger("slipway.secrets")
 SCHEME = "vault://"
 _REF = re.compile(r"^vault://(?P<mount>[A-Za-z0-9_.-]+)/(?P<path>[^#\s]+)#(?P<key>[^#\s]+)$")
 _EMBEDDED = re.compile(r"\$\{(vault://[^}]+)\}")
+_MULTI_ERROR = re.compile(r"\d+ errors? occurred:")
 
 
 class SecretError(SlipwayError):
@@ -198,8 +199,16 @@ class VaultClient:
             return None if self._token_expires is None else self._token_expires - time.monotonic()
 
     def renew_lease(self, lease_id: str, increment: int | None = None) -> int:
-        """Extend the lease of a dynamic secret (database, AWS engines); its new duration in seconds."""
-        return int(self.client.sys.renew_lease(lease_id=lease_id, increment=increment).get("lease_duration", 0))
+        """Extend the lease of a dynamic secret (database, AWS engines); its new duration in seconds. Raises
+        :class:`SecretError` when Vault refuses (an unknown or expired lease, permission denied)."""
+        from hvac import exceptions as hx
+        from requests.exceptions import RequestException
+
+        try:
+            resp = self.client.sys.renew_lease(lease_id=lease_id, increment=increment)
+        except (hx.VaultError, RequestException) as e:
+            raise _refused(f"cannot renew lease {lease_id}", e) from e
+        return int(resp.get("lease_duration", 0))
 
     def start_renewal(self, *, fraction: float = 2 / 3, min_interval_s: float = 1.0) -> None:
         """Renew the token in a daemon thread each time ``fraction`` of its TTL has passed."""
@@ -230,26 +239,50 @@ class VaultClient:
     # --- transit --------------------------------------------------------------------------------------------
 
     def encrypt(self, key: str, plaintext: bytes, *, mount: str = "transit") -> str:
-        """Vault transit ``encrypt``: the ciphertext (``vault:v1:...``); the plaintext never leaves this call."""
+        """Vault transit ``encrypt``: the ciphertext (``vault:v1:...``); the plaintext never leaves this call.
+        Raises :class:`SecretError` when Vault refuses (e.g. a key the token's policy does not grant)."""
         import base64
 
-        resp = self.client.secrets.transit.encrypt_data(
-            name=key, plaintext=base64.b64encode(plaintext).decode(), mount_point=mount
-        )
+        from hvac import exceptions as hx
+        from requests.exceptions import RequestException
+
+        try:
+            resp = self.client.secrets.transit.encrypt_data(
+                name=key, plaintext=base64.b64encode(plaintext).decode(), mount_point=mount
+            )
+        except (hx.VaultError, RequestException) as e:
+            raise _refused(f"transit key {mount}/{key}: cannot encrypt", e) from e
         return str(resp["data"]["ciphertext"])
 
     def decrypt(self, key: str, ciphertext: str, *, mount: str = "transit") -> bytes:
+        """Vault transit ``decrypt``. Raises :class:`SecretError` when Vault refuses (an altered ciphertext fails
+        authentication)."""
         import base64
 
-        resp = self.client.secrets.transit.decrypt_data(name=key, ciphertext=ciphertext, mount_point=mount)
+        from hvac import exceptions as hx
+        from requests.exceptions import RequestException
+
+        try:
+            resp = self.client.secrets.transit.decrypt_data(name=key, ciphertext=ciphertext, mount_point=mount)
+        except (hx.VaultError, RequestException) as e:
+            raise _refused(f"transit key {mount}/{key}: cannot decrypt", e) from e
         return base64.b64decode(resp["data"]["plaintext"])
 
 
 def _reason(e: Exception) -> str:
     errors = getattr(e, "errors", None)
     if errors:
-        return "; ".join(str(x) for x in errors)
+        # Vault and OpenBao send several errors as one string, "2 errors occurred:\n\t* a\n\t* b\n\n": one line
+        lines = [ln.strip().lstrip("*").strip() for x in errors for ln in str(x).splitlines()]
+        return "; ".join(ln for ln in lines if ln and not _MULTI_ERROR.fullmatch(ln)) or type(e).__name__
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _refused(what: str, e: Exception) -> SecretError:
+    from hvac import exceptions as hx
+
+    reason = "permission denied by Vault" if isinstance(e, hx.Forbidden) else _reason(e)
+    return SecretError(f"{what}: {reason}")
 
 
 @functools.cache

@@ -3,8 +3,10 @@ AppRole and Kubernetes login; tokens renewed; nothing logged."""
 
 from __future__ import annotations
 
+import base64
 import os
 import time
+import uuid
 
 import pytest
 from pydantic import SecretStr
@@ -190,6 +192,51 @@ def test_transit_encrypts_and_decrypts_with_the_slipway_key(kv):
     assert ct.startswith("vault:v") and DB_PASSWORD not in ct
     assert c.decrypt(PROMPTS_KEY, ct) == DB_PASSWORD.encode()
     assert kv.calls(mark)[-2:] == [f"update transit/encrypt/{PROMPTS_KEY}", f"update transit/decrypt/{PROMPTS_KEY}"]
+
+
+def test_transit_refusals_are_secret_errors(kv):
+    """OpenBao refuses a key the slipway policy does not grant (the double created any key on first use) and an
+    altered ciphertext; both come back as one-line SecretErrors, not raw hvac errors."""
+    c = VaultClient(VaultSettings(addr=kv.url, token=os.environ["SLIPWAY_VAULT_TOKEN"]))
+    with pytest.raises(SecretError, match=r"^transit key transit/prompt-logs: cannot encrypt: permission denied by"):
+        c.encrypt("prompt-logs", b"x")
+    ct = c.encrypt(PROMPTS_KEY, DB_PASSWORD.encode())
+    body = base64.b64decode(ct.split(":", 2)[2])
+    altered = ct.rsplit(":", 1)[0] + ":" + base64.b64encode(body[:-1] + bytes([body[-1] ^ 1])).decode()
+    with pytest.raises(SecretError, match=rf"^transit key transit/{PROMPTS_KEY}: cannot decrypt: cipher: message auth"):
+        c.decrypt(PROMPTS_KEY, altered)
+
+
+PG_CREATE_ROLE = "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"
+
+
+def test_a_dynamic_database_credential_lease_is_renewed(kv, postgres_url):
+    """A real dynamic secret: OpenBao's database engine creates a PostgreSQL role with a 30 s lease; the slipway
+    policy (sys/leases/renew) extends it. An unknown lease is a SecretError."""
+    from sqlalchemy.engine import make_url
+
+    pg, mount = make_url(postgres_url), f"database-{uuid.uuid4().hex[:8]}"
+    root = kv.client()
+    root.sys.enable_secrets_engine("database", path=mount)
+    root.secrets.database.configure(
+        name="registry", plugin_name="postgresql-database-plugin", mount_point=mount, allowed_roles=["reader"],
+        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@{pg.host}:{pg.port or 5432}/{pg.database}"
+        "?sslmode=disable", username=pg.username, password=pg.password or "trust",
+    )  # fmt: skip
+    root.secrets.database.create_role(
+        name="reader", db_name="registry", mount_point=mount, default_ttl="30s", max_ttl="1h",
+        creation_statements=[PG_CREATE_ROLE],
+    )  # fmt: skip
+    creds = root.secrets.database.generate_credentials(name="reader", mount_point=mount)
+    SECRETS.append(creds["data"]["password"])
+    try:
+        assert creds["lease_duration"] == 30
+        c = VaultClient(VaultSettings(addr=kv.url, token=os.environ["SLIPWAY_VAULT_TOKEN"]))
+        assert c.renew_lease(creds["lease_id"], increment=600) == 600
+        with pytest.raises(SecretError, match=rf"^cannot renew lease {mount}/creds/reader/nope: lease not found$"):
+            c.renew_lease(f"{mount}/creds/reader/nope")
+    finally:
+        root.sys.revoke_lease(creds["lease_id"])  # drops the PostgreSQL role
 
 
 def test_no_secret_value_appears_in_any_log_line(all_log_lines):
