@@ -16,6 +16,7 @@ charges more than a bucket holds, and a budget settles the real count afterwards
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -107,6 +108,22 @@ class Budgets:
             await self.guard.asettle(hold, cost)
         except Exception:
             log.exception("settling budget reservation %s failed", hold.id)
+
+
+    async def publish(self, gauge: Any) -> None:
+        """Set ``gauge`` to each budget's spent share of its hard limit (soft when it has none) in the current
+        window, read from the ledger off the event loop. Never raises: a metric must not stop the gateway."""
+        if self.guard is None or gauge is None:
+            return
+        try:
+            statuses = await asyncio.to_thread(self.guard.status)
+        except Exception as e:  # e.g. the Redis ledger is down: the gauge keeps its last value
+            log.warning("budget gauge not updated: %s", e)
+            return
+        for st in statuses:
+            bound = st.hard if st.hard is not None else st.soft
+            if bound:
+                gauge.set(st.spent / bound, tags={"budget": st.budget})
 
 
 def budget_guard(doc: dict[str, Any] | None, redis_url: str | None) -> BudgetGuard | None:

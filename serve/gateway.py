@@ -39,6 +39,7 @@ from slipway.serve.windows import LATENCY_BOUNDS_MS
 
 log = logging.getLogger(__name__)
 GATEWAY_APP = "slipway-gateway"
+BUDGET_GAUGE_S = 5.0  # how often a replica publishes its budgets' used share (read from the shared ledger)
 GATEWAY_DEPLOYMENT = "Gateway"
 
 
@@ -176,6 +177,14 @@ def _instruments() -> Instruments:
         ),
         shadow=metrics.Gauge("slipway_shadow_share", "Share of requests mirrored to a version.", tag_keys=tags),
         spend=metrics.Counter("slipway_spend_usd", "US dollars settled against budgets (token prices).", tag_keys=tags),
+        breaker_trips=metrics.Counter(
+            "slipway_breaker_trips", "Times the gateway's breaker zeroed a version's weight.", tag_keys=tags
+        ),
+        budget_used=metrics.Gauge(
+            "slipway_budget_used_ratio",
+            "Share of a budget's hard limit (soft when it has none) spent in its current window.",
+            tag_keys=("budget",),
+        ),
     )
 
 
@@ -214,7 +223,8 @@ class Gateway:
         self.table = RoutingTable()
         self.inflight = InFlight()
         m = _instruments()
-        budgets = Budgets(budget_guard(st.budget, st.redis_url), spend=m.spend)
+        self.m = m
+        self.budgets = budgets = Budgets(budget_guard(st.budget, st.redis_url), spend=m.spend)
         self.recorder = Recorder(
             instruments=m,
             usage=self.usage,
@@ -280,13 +290,18 @@ class Gateway:
         self.recorder.export_weights(table)
 
     def _trip(self, model: str, version: str, reason: str) -> None:
+        self.m.breaker_trips.inc(tags={"model": model, "version": version})
         self._spawn(await_ref(self.store.trip.remote(model, version, reason)))
 
     async def _push_metrics(self) -> None:
+        budgets_at = 0.0
         while True:
             await asyncio.sleep(self.settings.metrics_push_s)
             try:
                 await self._push_once()
+                if time.monotonic() - budgets_at >= BUDGET_GAUGE_S:
+                    budgets_at = time.monotonic()
+                    await self.budgets.publish(self.m.budget_used)
             except asyncio.CancelledError:
                 raise
             except Exception:

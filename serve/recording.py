@@ -50,6 +50,8 @@ class Instruments:
     weight: Any  # Gauge: share of new requests routed to a version
     shadow: Any  # Gauge: share of requests mirrored to a version
     spend: Any  # Counter: US dollars settled against budgets
+    breaker_trips: Any = None  # Counter: model, version — the in-gateway breaker zeroed its weight
+    budget_used: Any = None  # Gauge: budget — share of its hard limit (else soft) spent in the current window
 
 
 @dataclass

@@ -223,7 +223,7 @@ def test_promtool_accepts_the_scrape_config_and_its_rules(tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     (tmp_path / "alerts.yml").write_text((OBS / "alerts.yml").read_text())
     r = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
-    assert r.returncode == 0 and "4 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "6 rules found" in r.stdout, r.stdout + r.stderr
 
 
 def test_alert_rules_pass_their_promtool_unit_tests():
