@@ -30,7 +30,7 @@ setup: $(VENV)/.installed
 
 $(INFRA)/.installed: $(BIN)/python Makefile
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+		{ $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 	mkdir -p $(INFRA)
 	cd $(INFRA) && echo '{"private": true}' > package.json && \
 		npm install --no-audit --no-fund --silent $(GRAFANA_SCHEMA_NPM)
