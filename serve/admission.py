@@ -24,13 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from slipway.serve import protocol as p
 from slipway.serve.budget import BudgetGuard, Reservation
 from slipway.serve.dispatch import Route, RoutingTable
 from slipway.serve.errors import BadRequest, ModelNotFound, Overloaded
 from slipway.serve.ratelimit import Decision, LocalLimiter, RedisLimiter
 
 if TYPE_CHECKING:
-    from slipway.serve import protocol as p
     from slipway.serve.auth import Principal
     from slipway.serve.recording import InFlight, Ticket
 
@@ -155,6 +155,7 @@ class Admitter:
     async def admit(self, principal: Principal, body: p._GenParams, prompt: dict[str, Any]) -> Admission:
         """Admit ``body`` (whose prompt or messages are ``prompt``) for ``principal``. Raises the refusal as a
         :class:`~slipway.serve.errors.ServeError`: 404, 403, 400, 429 (rate limit or budget) or 503."""
+        p.refuse_unsupported(body)
         model = body.model
         if model not in self.table.table:
             raise ModelNotFound(f"model {model!r} does not exist or has no live version", param="model")

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StreamOptions(BaseModel):
@@ -14,20 +14,27 @@ class StreamOptions(BaseModel):
 
 
 class _GenParams(BaseModel):
-    # OpenAI clients send fields we do not use (logit_bias, seed, ...): accept and ignore them like OpenAI does
-    # for unknown-but-valid fields, but validate the ones we honour.
-    model_config = ConfigDict(extra="ignore")
+    # Fields beyond the ones declared here are kept (``model_extra``) so that :func:`refuse_unsupported` can answer
+    # 400 naming them: an OpenAI parameter the engines do not honour is refused, never silently dropped.
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=300)
     max_tokens: int | None = Field(default=None, ge=1, le=100000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=100000)  # OpenAI's newer name for it
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None)
     user: str | None = Field(default=None, max_length=256)
     seed: int | None = None
+
+    @model_validator(mode="after")
+    def max_completion_tokens_is_max_tokens(self) -> _GenParams:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -58,6 +65,67 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+
+
+def _off(*defaults: Any) -> Any:
+    return lambda value: value is None or value in defaults
+
+
+# Parameters of OpenAI's API (and the vLLM extras clients send) that no engine here honours yet, with what counts
+# as "not asked for": set to anything else, the request is refused with 400 ``unsupported_parameter``.
+_UNSUPPORTED: dict[str, Any] = {
+    "logprobs": _off(False, 0),
+    "top_logprobs": _off(0),
+    "echo": _off(False),
+    "best_of": _off(1),
+    "suffix": _off(""),
+    "presence_penalty": _off(0, 0.0),
+    "frequency_penalty": _off(0, 0.0),
+    "repetition_penalty": _off(1, 1.0),
+    "logit_bias": lambda v: not v,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": lambda v: not v,
+    "tool_choice": _off("none", "auto"),
+    "functions": lambda v: not v,
+    "function_call": _off("none", "auto"),
+    "parallel_tool_calls": lambda v: True,  # meaningless without tools, which are refused
+    "ignore_eos": _off(False),
+    "min_tokens": _off(0),
+    "top_k": _off(0, -1),
+    "min_p": _off(0, 0.0),
+    "prediction": lambda v: v is None,
+    "modalities": lambda v: v is None or list(v) == ["text"],
+    "audio": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "store": _off(False),  # completions are not stored for later retrieval
+    "service_tier": _off("auto", "default"),
+}
+# Accepted without effect on the answer: request metadata.
+_ACCEPTED = frozenset({"metadata"})
+
+
+def refuse_unsupported(body: _GenParams) -> None:
+    """Raise 400 (OpenAI's error shape, ``param`` naming it) for the first parameter the engines would not
+    honour: ``n`` > 1, a known OpenAI parameter set to a value that changes the answer, or an argument OpenAI
+    does not know either (``unrecognized_parameter``, as OpenAI answers)."""
+    from slipway.serve.errors import BadRequest
+
+    if body.n != 1:
+        raise BadRequest("n > 1 is not supported: ask once per completion", param="n", code="unsupported_parameter")
+    for name, value in (body.model_extra or {}).items():
+        if name in _ACCEPTED:
+            continue
+        if name not in _UNSUPPORTED:
+            raise BadRequest(
+                f"unrecognized request argument supplied: {name}", param=name, code="unrecognized_parameter"
+            )
+        if not _UNSUPPORTED[name](value):
+            raise BadRequest(
+                f"{name}={value!r} is not supported by this gateway's engines; leave it unset",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
 def new_id(kind: str) -> str:

@@ -173,3 +173,20 @@ def test_jwt_bearer_with_model_scope_is_accepted(stack):
     _assert_error(_post(stack, token, {"model": TINY, "prompt": "a"}), 403)
     expired = jwt.encode({"sub": "svc-a", "exp": int(time.time()) - 60}, secret, algorithm="HS256")
     _assert_error(_post(stack, expired, {"model": ECHO, "prompt": "a"}), 401, "token_expired")
+
+
+def test_a_parameter_no_engine_honours_is_refused_not_dropped(stack):
+    """Before, `logprobs=2` answered 200 with `logprobs: null`; now the official client gets a 400 naming it."""
+    client = stack.client(stack.key())
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=ECHO, prompt="x", max_tokens=2, logprobs=2)
+    assert e.value.body["param"] == "logprobs" and e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=ECHO, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}
+        )
+    assert e.value.body["param"] == "response_format"
+    ok = client.chat.completions.create(
+        model=ECHO, messages=[{"role": "user", "content": "x"}], max_completion_tokens=2, presence_penalty=0
+    )
+    assert ok.usage.completion_tokens <= 2

@@ -1,0 +1,69 @@
+"""Every OpenAI parameter is honoured or refused — never silently dropped: a parameter the engines do not honour,
+set to a value that would change the answer, is a 400 naming it; left at its default it is accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from slipway.serve import protocol as p
+from slipway.serve.errors import BadRequest
+
+BASE = {"model": "demo", "prompt": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "code"),
+    [
+        ({"logprobs": 2}, "logprobs", "unsupported_parameter"),
+        ({"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+        ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+        ({"frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias", "unsupported_parameter"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+        ({"ignore_eos": True}, "ignore_eos", "unsupported_parameter"),
+        ({"min_tokens": 4}, "min_tokens", "unsupported_parameter"),
+        ({"best_of": 3}, "best_of", "unsupported_parameter"),
+        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"store": True}, "store", "unsupported_parameter"),
+        ({"temprature": 0.2}, "temprature", "unrecognized_parameter"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_a_parameter_the_engines_do_not_honour_is_refused_naming_it(extra, param, code):
+    body = p.CompletionRequest.model_validate(BASE | extra)
+    with pytest.raises(BadRequest) as e:
+        p.refuse_unsupported(body)
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+    assert param in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"logprobs": None},
+        {"logprobs": False},
+        {"presence_penalty": 0},
+        {"frequency_penalty": 0.0},
+        {"logit_bias": {}},
+        {"response_format": {"type": "text"}},
+        {"tools": []},
+        {"tool_choice": "none"},
+        {"n": 1},
+        {"store": False},
+        {"service_tier": "auto"},
+        {"metadata": {"team": "a"}},
+        {"seed": 7, "user": "u", "stop": ["\n"], "stream_options": {"include_usage": True}},
+    ],
+    ids=lambda v: next(iter(v)),
+)
+def test_parameters_left_at_their_defaults_are_accepted(extra):
+    p.refuse_unsupported(p.CompletionRequest.model_validate(BASE | extra))
+
+
+def test_max_completion_tokens_is_honoured_as_max_tokens():
+    body = p.ChatCompletionRequest.model_validate(
+        {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7}
+    )
+    p.refuse_unsupported(body)
+    assert body.max_tokens == 7
