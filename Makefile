@@ -72,6 +72,7 @@ bench: setup
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/canary.py
 	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/omp_wait.py
 	$(BIN)/python bench/usage_durability.py
 	$(BIN)/python bench/outage.py
 

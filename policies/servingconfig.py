@@ -86,6 +86,11 @@ class ServingConfig(Document):
     )
     autoscaling: Autoscaling | None = Field(default=None, description="Autoscale instead of a fixed count.")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
+    env: dict[str, str] = Field(
+        default_factory=lambda: {"OMP_WAIT_POLICY": "PASSIVE"},
+        description="Environment of each replica's process (Ray runtime_env env_vars). Default "
+        "OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning (bench/omp_wait.py).",
+    )
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="Largest generation batch. Default 32; 1-1024.")
     batch_wait_timeout_s: float = Field(
         default=0.02, ge=0.0, le=5.0, description="Longest wait for a batch to fill, seconds. Default 0.02; 0-5."
@@ -170,7 +175,8 @@ class ServingConfig(Document):
         opts: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": self.ray_actor_options.model_dump(),
+            "ray_actor_options": self.ray_actor_options.model_dump()
+            | ({"runtime_env": {"env_vars": dict(self.env)}} if self.env else {}),
             "user_config": self.batch_settings(),
         }
         if self.autoscaling is not None:
