@@ -8,6 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# Idle OpenMP threads sleep instead of spinning: with two torch processes on one machine (the demo's driver beside
+# its replicas, a bench beside Ray) the default's spinning costs several times the CPU (bench/omp_wait.py).
+export OMP_WAIT_POLICY := PASSIVE
 # The real infrastructure parts of the tests (tests/plugins/prometheus.py, tests/test_infra.py): Debian's Prometheus
 # (apt, when prometheus/promtool are missing) and Grafana's dashboard JSON Schema, generated from Grafana's own
 # pinned npm package into $(INFRA), never copied by hand.
