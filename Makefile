@@ -8,9 +8,6 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
-# Idle OpenMP threads sleep instead of spinning: with two torch processes on one machine (the demo's driver beside
-# its replicas, a bench beside Ray) the default's spinning costs several times the CPU (bench/omp_wait.py).
-export OMP_WAIT_POLICY := PASSIVE
 # The real infrastructure parts of the tests (tests/plugins/prometheus.py, tests/test_infra.py): Debian's Prometheus
 # (apt, when prometheus/promtool are missing) and Grafana's dashboard JSON Schema, generated from Grafana's own
 # pinned npm package into $(INFRA), never copied by hand.
@@ -19,6 +16,11 @@ GRAFANA_SCHEMA_NPM := @grafana/schema@13.2.3 ts-json-schema-generator@2.4.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup infra demo demo-rollback test lint imports bench clean
+
+# Idle OpenMP threads sleep instead of spinning: with two torch processes on one machine (the demo's driver beside
+# its replicas, a bench beside Ray) the default's spinning costs several times the CPU (bench/omp_wait.py). The
+# replicas set it themselves (ServingConfig.env); the test process keeps the default (measured faster there).
+demo demo-rollback bench: export OMP_WAIT_POLICY := PASSIVE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
