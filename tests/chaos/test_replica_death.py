@@ -81,11 +81,10 @@ def test_replica_killed_mid_burst_loses_no_answered_row(pg, redis_server):
 
     drained_s = asyncio.run(drain())
     ids, rows = _stored(reg)
-    print(f"killed after {len(answered)} answers: {rows} rows, {survivor.claimed} claimed, drained in {drained_s:.2f}s")
+    assert drained_s < 20, "the survivor never drained the dead replica's rows"  # how fast: bench/outage.py
     assert set(answered) <= ids  # every answered request has its row
     assert rows == len(ids)  # and only one
     assert rows - len(answered) <= 16  # the rest: requests in flight at the kill (durable, never answered)
-    assert drained_s < 10
 
 
 def test_rows_read_but_not_acknowledged_are_claimed_and_stored_once(pg, redis_server):
