@@ -70,6 +70,34 @@ class FaultInjection(Strict):
     )
 
 
+class EngineSpec(Strict):
+    """How the ``hf`` engine batches and sizes its KV cache (``max_batch_size`` is the most requests per step)."""
+
+    batching: Literal["continuous", "static"] = Field(
+        default="continuous",
+        description="continuous: every request, streamed or not, joins the running batch at the next decode step "
+        "(transformers continuous batching); static: non-streaming requests wait batch_wait_timeout_s for a batch "
+        "that runs until its longest member ends, streams decode alone (kept for comparison). Default continuous.",
+    )
+    max_batch_tokens: int = Field(
+        default=512,
+        ge=16,
+        le=1_000_000,
+        description="Most tokens in one engine step (prompt chunks plus one per decoding request); longer prompts "
+        "are prefilled in chunks. Must be ≥ max_batch_size. Default 512.",
+    )
+    kv_cache_tokens: int | None = Field(
+        default=None,
+        ge=16,
+        le=100_000_000,
+        description="Tokens the KV cache holds across all requests. Default: on a GPU, sized from free memory by "
+        "transformers; on CPU, max_batch_size x (max_prompt_tokens + max_new_tokens). Must hold one request.",
+    )
+    page_size: int = Field(
+        default=64, ge=4, le=4096, description="Tokens per KV-cache page (block). Default 64; 4-4096."
+    )
+
+
 @register_kind
 class ServingConfig(Document):
     """How one model is served. Every live version of the model runs with these settings."""
@@ -91,9 +119,20 @@ class ServingConfig(Document):
         description="Environment of each replica's process (Ray runtime_env env_vars). Default "
         "OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning (bench/omp_wait.py).",
     )
-    max_batch_size: int = Field(default=32, ge=1, le=1024, description="Largest generation batch. Default 32; 1-1024.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Batching and KV cache of the hf engine.")
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="Most requests in one engine step (vLLM's max_num_seqs); changed live by serve reconfigure. "
+        "Default 32; 1-1024.",
+    )
     batch_wait_timeout_s: float = Field(
-        default=0.02, ge=0.0, le=5.0, description="Longest wait for a batch to fill, seconds. Default 0.02; 0-5."
+        default=0.02,
+        ge=0.0,
+        le=5.0,
+        description="Static batching only (engine.batching: static): longest wait for a batch to fill, seconds; "
+        "the gateway's coalescer lingers at most min(this, 5 ms). Default 0.02; 0-5.",
     )
     max_ongoing_requests: int = Field(
         default=64,
@@ -169,6 +208,27 @@ class ServingConfig(Document):
                 f"default_max_tokens ({self.default_max_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
             )
         return self
+
+    @model_validator(mode="after")
+    def engine_fits_requests(self) -> ServingConfig:
+        if self.engine.max_batch_tokens < self.max_batch_size:
+            raise ValueError(
+                f"engine.max_batch_tokens ({self.engine.max_batch_tokens}) must be >= max_batch_size "
+                f"({self.max_batch_size}): every running request decodes one token per step"
+            )
+        need = self.max_prompt_tokens + self.max_new_tokens
+        if self.engine.kv_cache_tokens is not None and self.engine.kv_cache_tokens < need:
+            raise ValueError(
+                f"engine.kv_cache_tokens ({self.engine.kv_cache_tokens}) must hold one whole request: "
+                f"max_prompt_tokens + max_new_tokens = {need}"
+            )
+        return self
+
+    def kv_cache_tokens(self, *, on_gpu: bool) -> int | None:
+        """The KV cache's size in tokens; None lets transformers size it from free GPU memory."""
+        if self.engine.kv_cache_tokens is not None or on_gpu:
+            return self.engine.kv_cache_tokens
+        return self.max_batch_size * (self.max_prompt_tokens + self.max_new_tokens)
 
     def deployment_options(self) -> dict[str, Any]:
         """Ray Serve ``Deployment.options(...)`` keywords for the model server."""

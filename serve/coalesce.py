@@ -3,12 +3,14 @@
 Every handle call through Ray Serve costs the caller's router, the transport and the replica's request path
 (measured on 2 cores: more than the model's own work for a 16-token completion on a tiny model). The gateway
 therefore sends the requests that are waiting for the same Serve application as one ``generate_many`` call,
-and the model server feeds them to its ``@serve.batch`` queue, where they form one batch.
+and the model server hands each to its engine (a continuous engine adds them to its running batch; the static
+batcher forms one batch of them).
 
 When to send is the whole design:
 
-* At most ``max_inflight`` calls are outstanding per application (one per model-server replica), so requests
-  that arrive while the replicas are busy wait here, where they cost nothing, and leave together.
+* At most ``max_inflight`` calls are outstanding per application: one per replica for the static batcher, so
+  requests that arrive while the replicas are busy wait here, where they cost nothing, and leave together;
+  ``max_batch_size`` per replica for a continuous engine, so nothing waits here for a batch to end.
 * Light load adds no latency: when the waiting requests already number the recent peak of concurrent requests
   (1 for a lone client) they leave at once.
 * Under load, when a call returns, the clients it answered come back a little later, one by one. Sending the

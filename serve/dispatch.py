@@ -137,13 +137,18 @@ class Dispatcher:
     def coalescer(self, app_name: str, cfg: ServingConfig) -> Coalescer:
         """One coalescer per live version: concurrent requests to it leave as one ``generate_many`` call."""
         replicas = cfg.num_replicas or (cfg.autoscaling.min_replicas if cfg.autoscaling else 1)
-        key = (app_name, replicas, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.coalesce_max_wait_s)
+        # A static batcher takes one crowd at a time: hold the next crowd here until a replica is free. A
+        # continuous engine takes requests at every step: send whatever is waiting at once, many calls in flight.
+        inflight = (
+            replicas if cfg.backend == "hf" and cfg.engine.batching == "static" else replicas * cfg.max_batch_size
+        )
+        key = (app_name, inflight, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.coalesce_max_wait_s)
         c = self.coalescers.get(key)
         if c is None:
             handle = self.handle(app_name)
             c = self.coalescers[key] = Coalescer(
                 lambda items: await_ref(handle.generate_many.remote(items)),
-                max_inflight=max(1, replicas),
+                max_inflight=max(1, inflight),
                 max_items=max(cfg.max_batch_size, 1) * 2,
                 min_linger_s=min(cfg.batch_wait_timeout_s, 0.005),
                 max_linger_s=cfg.coalesce_max_wait_s,

@@ -80,7 +80,12 @@ def test_usage_records_equal_answered_requests_after_a_burst(stack):
     with stack.registry.session() as s:
         rows = s.scalars(select(UsageRecord).where(UsageRecord.api_key_id == key_id)).all()
     assert {r.request_id for r in rows} == ids
-    assert all(r.completion_tokens > 0 and r.latency_ms > 0 and r.version for r in rows)
+    bad = [
+        (r.model, r.completion_tokens, r.latency_ms, r.version, r.batch_size)
+        for r in rows
+        if not (r.completion_tokens > 0 and r.latency_ms > 0 and r.version)
+    ]
+    assert not bad, bad[:5]
     assert max(r.batch_size or 0 for r in rows) > 1
 
 

@@ -1,0 +1,62 @@
+"""Engines: what generates text inside a model server replica, one module per engine (``ServingConfig.backend``).
+
+- ``hf`` (:mod:`.hf`): a transformers causal LM on transformers' continuous batching; with
+  ``engine.batching: static``, the static batcher of :mod:`.hf_static` instead.
+- ``echo`` (:mod:`.echo`): no weights, no compute (routing tests, benchmarks of the serving path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slipway.policies.servingconfig import ServingConfig
+from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, collect
+
+__all__ = ["Delta", "Engine", "EngineError", "EngineRequest", "Finish", "build_engine", "collect"]
+
+
+def build_engine(cfg: ServingConfig, *, uri: str | None, sha256: str | None, device: str | None) -> Engine:
+    """The engine ``cfg`` asks for, with the version's weights loaded (checked against ``sha256``)."""
+    if cfg.backend == "echo":
+        from slipway.serve.engines.echo import EchoEngine
+
+        return EchoEngine()
+    if not uri:
+        raise ValueError(f"{cfg.model}: the {cfg.backend} engine needs an artifact uri")
+    from slipway.llm.checkpoint import load_causal_lm
+
+    model, tok = load_causal_lm(uri, device=device, dtype=cfg.dtype, sha256=sha256)
+    spec = cfg.engine
+    if spec.batching == "static":
+        from slipway.serve.engines.hf_static import HFStaticEngine
+
+        return HFStaticEngine(
+            model, tok, max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s
+        )
+    from slipway.serve.engines.hf import HFEngine
+
+    return HFEngine(
+        model,
+        tok,
+        max_seqs=cfg.max_batch_size,
+        max_batch_tokens=spec.max_batch_tokens,
+        kv_cache_tokens=cfg.kv_cache_tokens(on_gpu=str(next(model.parameters()).device).startswith("cuda")),
+        page_size=spec.page_size,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+
+
+def engine_request(req: dict[str, Any], prompt: str, *, stream: bool, request_id: str) -> EngineRequest:
+    """The engine's view of a gateway payload (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
+    ``deadline``)."""
+    return EngineRequest(
+        request_id=request_id,
+        prompt=prompt,
+        max_tokens=int(req["max_tokens"]),
+        temperature=float(req.get("temperature") or 0.0),
+        top_p=float(req.get("top_p") if req.get("top_p") is not None else 1.0),
+        stop=tuple(req.get("stop") or ()),
+        seed=req.get("seed"),
+        deadline=req.get("deadline"),
+        stream=stream,
+    )

@@ -1,0 +1,281 @@
+"""``hf``: a transformers causal LM on transformers' own continuous batching.
+
+One persistent manager per replica (``model.init_continuous_batching``) runs the decode loop in a thread; every
+request, streamed or not, is added to it and joins the running batch at the next step, and leaves it when it
+finishes. Results come back through result handlers on the replica's event loop (registered before the request
+is added). What the manager does not do is done here:
+
+- **lengths** are checked before a request is added (a prompt plus its ``max_tokens`` beyond the model's
+  positions or the KV cache fails every in-flight request of the manager): 413, neighbours undisturbed;
+- **stop strings** are applied on the consumer side, then the request is cancelled in the engine;
+- **deadlines** cancel the request in the engine (504), as does a client that goes away;
+- **per-request sampling**: the manager samples with per-request temperature and top-p processors; greedy
+  requests run at a temperature of 1e-7, which makes the softmax one-hot (their output equals ``generate``'s
+  greedy output token for token, tested);
+- **a dead manager** (its loop failed) answers its in-flight requests with 500s, and the next request starts a
+  new one (``restarts`` counts them);
+- **shutdown**: the manager's thread is a daemon and :meth:`close` stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, StopScanner
+
+log = logging.getLogger(__name__)
+
+GREEDY_TEMPERATURE = 1e-7  # logits / 1e-7: the softmax is one-hot, so sampling picks the argmax
+_POLL_S = 0.5  # how often a waiting request checks that the manager is alive
+
+
+class HFEngine(Engine):
+    """Continuous batching over one loaded model. ``max_seqs`` requests at most per step, ``max_batch_tokens``
+    tokens at most per step (prefill chunks and decodes), a KV cache of ``kv_cache_tokens`` tokens in pages of
+    ``page_size``."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_seqs: int = 32,
+        max_batch_tokens: int = 512,
+        kv_cache_tokens: int | None = None,
+        page_size: int = 64,
+        max_new_tokens: int = 256,
+    ) -> None:
+        super().__init__()
+        self.model, self.tok = model, tokenizer
+        self.max_seqs, self.max_batch_tokens, self.page_size = max_seqs, max_batch_tokens, page_size
+        self.max_new_tokens = max_new_tokens
+        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.kv_cache_tokens = kv_cache_tokens
+        limits = [x for x in (positions, kv_cache_tokens) if x]
+        self.max_total_tokens = min(limits) if limits else None
+        self.eos = tokenizer.eos_token_id
+        self._mgr: Any = None
+        self._lock = threading.Lock()
+        self._streamed: dict[str, bool] = {}  # request id → streamed by its client (counts mixed steps)
+        self._closed = False
+        self._step_size = 0  # requests in the last engine step
+        self._start()
+
+    # ------------------------------------------------------------------ manager lifecycle
+
+    def _start(self) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        gen = GenerationConfig(
+            do_sample=True,  # per request: sampled, or greedy through GREEDY_TEMPERATURE
+            temperature=0.5,  # defaults only; a processor exists for each so requests can set their own
+            top_p=0.5,
+            top_k=0,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos,
+        )
+        cb: dict[str, Any] = {
+            "max_batch_tokens": self.max_batch_tokens,
+            "max_requests_per_batch": self.max_seqs,
+            "page_size": self.page_size,
+            "per_request_processors": True,
+            "allow_block_sharing": True,
+        }
+        if self.kv_cache_tokens:
+            cb["num_blocks"] = math.ceil(self.kv_cache_tokens / self.page_size)
+        mgr = self.model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb)
+        )
+        inner_step = mgr._generation_step
+
+        def counted_step() -> None:  # runs on the manager's thread: one forward pass of the running batch
+            reqs = mgr.batch_processor.inputs_and_outputs.requests_in_batch
+            kinds = {self._streamed.get(r.state.request_id, False) for r in reqs}
+            t0 = time.perf_counter()
+            inner_step()
+            self._step_size = len(reqs)
+            self.counters.step(len(reqs), len(kinds) > 1, time.perf_counter() - t0)
+
+        mgr._generation_step = counted_step
+        _start_daemon(mgr)
+        self._mgr = mgr
+
+    def _running(self) -> Any:
+        """The live manager, after starting a new one if the last one died."""
+        with self._lock:
+            if self._closed:
+                raise EngineError(503, "the engine is shutting down")
+            mgr = self._mgr
+            if mgr is not None and mgr.is_running():
+                return mgr
+            err = getattr(mgr.background_thread_status, "fatal_error", None) if mgr is not None else None
+            log.error("continuous batching manager stopped (%s); starting a new one", err)
+            if mgr is not None:
+                try:
+                    mgr.stop(block=True, timeout=5)
+                except Exception:  # a dead manager may not stop cleanly; a new one replaces it anyway
+                    log.exception("stopping the dead manager failed")
+            self.counters.restarts += 1
+            self._start()
+            return self._mgr
+
+    def reconfigure(self, *, max_seqs: int | None = None, **_: Any) -> None:
+        """Most requests per step, changed in place (``control.reconfigure``'s ``max_batch_size``)."""
+        if max_seqs is not None:
+            self.max_seqs = int(max_seqs)
+            sched = getattr(getattr(self._mgr, "batch_processor", None), "scheduler", None)
+            if sched is not None:
+                sched.max_requests_per_batch = self.max_seqs
+            if self._mgr is not None:
+                self._mgr.continuous_batching_config.max_requests_per_batch = self.max_seqs
+
+    def healthy(self) -> bool:
+        return self._closed or (self._mgr is not None and self._mgr.is_running())
+
+    def revive(self) -> None:
+        with contextlib.suppress(EngineError):  # closed: nothing to revive
+            self._running()
+
+    def close_now(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._mgr is not None and self._mgr.is_running():
+                self._mgr.stop(block=True, timeout=10)
+
+    # ------------------------------------------------------------------ requests
+
+    def count(self, text: str) -> int:
+        return len(self.tok(text)["input_ids"])
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return super().render_chat(messages)
+
+    def check_length(self, n_prompt: int, max_tokens: int) -> None:
+        if self.max_total_tokens is not None and n_prompt + max_tokens > self.max_total_tokens:
+            self.counters.too_long += 1
+            raise EngineError(
+                413,
+                f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) is more than the {self.max_total_tokens} "
+                "tokens this model's context holds",
+            )
+
+    async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        ids = self.tok(req.prompt)["input_ids"]
+        self.check_length(len(ids), req.max_tokens)
+        mgr = self._running()
+        rid = f"{req.request_id}-{uuid.uuid4().hex[:8]}"
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        sampled = req.temperature > 0
+        scanner = StopScanner(req.stop)
+        self._streamed[rid] = req.stream
+        self.counters.requests += 1
+        mgr.register_result_handler(rid, queue.put_nowait)
+        done, shared = False, 0
+        try:
+            added = mgr.add_request(
+                ids,
+                request_id=rid,
+                max_new_tokens=req.max_tokens,
+                streaming=req.stream or bool(scanner.stop),  # stop strings are looked for token by token
+                temperature=req.temperature if sampled else GREEDY_TEMPERATURE,
+                top_p=req.top_p if sampled else 1.0,
+            )
+            if added is None:
+                raise EngineError(503, "the engine is not accepting requests (stopping)")
+            while True:
+                out = await self._next(queue, mgr, req)
+                shared = max(shared, self._step_size)
+                if out.error is not None or int(out.status) == _FAILED:
+                    done = True
+                    self.counters.failed += 1
+                    raise EngineError(500, f"the engine failed: {out.error or 'unknown error'}")
+                tokens = list(out.generated_tokens)
+                eos = bool(tokens) and tokens[-1] == self.eos
+                if eos:
+                    tokens = tokens[:-1]
+                finished = out.is_finished()
+                text = self.tok.decode(tokens, skip_special_tokens=True)
+                new, stopped = scanner.feed(text, final=finished)
+                if new:
+                    yield Delta(new, len(tokens))
+                if stopped or finished:
+                    done = finished
+                    self.counters.finished += 1
+                    reason = "stop" if (stopped or eos or len(tokens) < req.max_tokens) else "length"
+                    yield Finish(reason, len(ids), len(tokens), shared or None)
+                    return
+        finally:
+            self._streamed.pop(rid, None)
+            if not done:  # stopped by a stop string, past its deadline, or its client went away: free its slot
+                with mgr.output_router._lock:
+                    mgr.output_router.result_handlers.pop(rid, None)
+                mgr.cancel_request(rid)
+                self.counters.cancelled += 1
+
+    async def _next(self, queue: asyncio.Queue[Any], mgr: Any, req: EngineRequest) -> Any:
+        """The request's next output; 504 past its deadline, 500 when the manager died without answering it."""
+        while True:
+            left = req.time_left()
+            if left is not None and left <= 0:
+                self.counters.timed_out += 1
+                raise EngineError(504, "the request ran past its deadline in the engine")
+            try:
+                return await asyncio.wait_for(queue.get(), min(_POLL_S, left) if left is not None else _POLL_S)
+            except TimeoutError:
+                if not mgr.is_running() and queue.empty():
+                    self.counters.failed += 1
+                    raise EngineError(500, "the engine stopped before answering the request") from None
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        mgr = self._mgr
+        bp = getattr(mgr, "batch_processor", None)
+        sched = getattr(bp, "scheduler", None)
+        s.update(
+            active=len(getattr(sched, "active_requests", {}) or {}),
+            waiting=len(getattr(sched, "waiting_requests", {}) or {}),
+            max_seqs=self.max_seqs,
+            max_batch_tokens=self.max_batch_tokens,
+            kv_cache_tokens=self.kv_cache_tokens,
+            max_total_tokens=self.max_total_tokens,
+            running=bool(mgr is not None and mgr.is_running()),
+        )
+        return s
+
+
+def _status_failed() -> int:
+    from transformers.generation.continuous_batching.requests import RequestStatus
+
+    return int(RequestStatus.FAILED)
+
+
+_FAILED = _status_failed()
+
+
+def _start_daemon(mgr: Any) -> None:
+    """``mgr.start()`` with the loop on a daemon thread: a replica's process must exit even if nobody stops it
+    (transformers starts a non-daemon thread)."""
+    import torch
+
+    mgr.background_thread_status.clear()
+    mgr._generation_thread = threading.Thread(
+        target=mgr._run_generation_loop,
+        kwargs={"use_inference_mode": torch.is_inference_mode_enabled()},
+        name="slipway-cb",
+        daemon=True,
+    )
+    mgr._generation_thread.start()

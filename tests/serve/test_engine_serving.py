@@ -1,0 +1,80 @@
+"""The hf engine behind the whole gateway: streamed and non-streamed requests share the engine's steps, greedy
+answers equal ``generate``'s, and a stop string cuts the answer and is reported as a stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.plugins.serving import TINY
+
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
+
+
+def _engine_counters() -> list[dict]:
+    from ray import serve
+
+    h = serve.get_deployment_handle("ModelServer", app_name=f"{TINY}-v1")
+    seen: dict[str, dict] = {}
+    for _ in range(12):  # the handle reaches one replica a call: ask until both answered
+        info = h.info.remote().result()
+        seen[info["replica"]] = info["engine"]
+    return list(seen.values())
+
+
+def test_streamed_and_plain_requests_share_engine_steps_through_the_gateway(stack, tiny_model_dir: Path) -> None:
+    from slipway.llm.checkpoint import load_causal_lm
+    from slipway.llm.generate import generate
+
+    secret = stack.key()
+    prompts = [f"shared batch {i}: the quick brown fox" for i in range(8)]
+    before = sum(e["mixed_steps"] for e in _engine_counters())
+
+    async def main() -> tuple[list[str], list[str]]:
+        h = {"Authorization": f"Bearer {secret}"}
+        async with httpx.AsyncClient(base_url=stack.base_url, headers=h, timeout=60) as c:
+
+            async def plain(p: str) -> str:
+                r = await c.post("/v1/completions", json={"model": TINY, "prompt": p, "max_tokens": 24})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            async def streamed(p: str) -> str:
+                parts = []
+                body = {"model": TINY, "prompt": p, "max_tokens": 24, "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            parts.append(json.loads(line[6:])["choices"][0]["text"] or "")
+                return "".join(parts)
+
+            outs = await asyncio.gather(*(plain(p) for p in prompts), *(streamed(p + "!") for p in prompts))
+            return list(outs[: len(prompts)]), list(outs[len(prompts) :])
+
+    plain_texts, streamed_texts = asyncio.run(main())
+    model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
+    assert plain_texts == [o.text for o in generate(model, tok, prompts, max_new_tokens=24)]
+    assert streamed_texts == [o.text for o in generate(model, tok, [p + "!" for p in prompts], max_new_tokens=24)]
+    engines = _engine_counters()
+    assert sum(e["mixed_steps"] for e in engines) > before, engines
+    assert all(e["running"] and e["restarts"] == 0 for e in engines), engines
+
+
+def test_a_stop_string_cuts_the_answer_through_the_gateway(stack, tiny_model_dir: Path) -> None:
+    from slipway.llm.checkpoint import load_causal_lm
+    from slipway.llm.generate import generate
+
+    model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
+    prompt = "stop strings: the lazy dog"
+    full = generate(model, tok, [prompt], max_new_tokens=24)[0].text
+    assert len(full) > 8, full
+    stop = full[4:7]
+    c = stack.client(stack.key())
+    r = c.completions.create(model=TINY, prompt=prompt, max_tokens=24, stop=[stop], temperature=0)
+    assert r.choices[0].text == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
