@@ -39,13 +39,15 @@ def test_streamed_and_plain_requests_share_engine_steps_through_the_gateway(stac
         async with httpx.AsyncClient(base_url=stack.base_url, headers=h, timeout=60) as c:
 
             async def plain(p: str) -> str:
-                r = await c.post("/v1/completions", json={"model": TINY, "prompt": p, "max_tokens": 24})
+                r = await c.post(
+                    "/v1/completions", json={"model": TINY, "prompt": p, "max_tokens": 24, "temperature": 0}
+                )
                 assert r.status_code == 200, r.text
                 return r.json()["choices"][0]["text"]
 
             async def streamed(p: str) -> str:
                 parts = []
-                body = {"model": TINY, "prompt": p, "max_tokens": 24, "stream": True}
+                body = {"model": TINY, "prompt": p, "max_tokens": 24, "stream": True, "temperature": 0}
                 async with c.stream("POST", "/v1/completions", json=body) as r:
                     assert r.status_code == 200
                     async for line in r.aiter_lines():
