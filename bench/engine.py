@@ -140,7 +140,7 @@ def bench_limit(model_dir: Path, bodies: list[dict], seconds: float, c: int = 32
     from slipway.serve.engines.hf import HFEngine
 
     model, tok = load_causal_lm(str(model_dir), device="cpu")
-    eng = HFEngine(model, tok, max_seqs=32, max_batch_tokens=512, kv_cache_tokens=32 * 128, page_size=64)
+    eng = HFEngine(model, tok, max_seqs=32, max_batch_tokens=2048, kv_cache_tokens=32 * 128, page_size=64)
 
     async def run() -> dict:
         lat: list[float] = []
@@ -226,7 +226,9 @@ def main() -> None:
             "tinys", engine={"batching": "static"}, batch_wait_timeout_s=args.batch_wait, **common
         )
         control.deploy_version("tinys", 1, uri=str(model_dir), config=static)
-        _wait(lambda: {"tinyc", "tinys"} <= set(httpx.get(f"{base}/health").json()["models"]))
+        every4 = ServingConfig.for_model("tinyc4", engine={"stream_interval": 4}, **common)
+        control.deploy_version("tinyc4", 1, uri=str(model_dir), config=every4)
+        _wait(lambda: {"tinyc", "tinys", "tinyc4"} <= set(httpx.get(f"{base}/health").json()["models"]))
         url, auth = f"{base}/v1/completions", {"Authorization": f"Bearer {secret}"}
 
         def bodies(model: str, src: list[dict]) -> list[dict]:
@@ -238,6 +240,9 @@ def main() -> None:
                 for c in (1, 32):
                     print(f"{name} c={c} ...", flush=True)
                     res[f"{name} c={c}"] = asyncio.run(closed(url, bodies(m, fixed), c, args.seconds, auth, stream))
+        print("tinyc4 (stream_interval 4) stream c=1, c=32 ...", flush=True)
+        for c in (1, 32):
+            res[f"tinyc4 stream c={c}"] = asyncio.run(closed(url, bodies("tinyc4", fixed), c, args.seconds, auth, True))
         print("static capacity on the mixed workload ...", flush=True)
         cap = asyncio.run(closed(url, bodies("tinys", mixed), 32, args.seconds, auth, False))
         res["tinys mixed capacity"] = cap
@@ -277,6 +282,8 @@ def main() -> None:
     print("\nratios (same run):")
     print(f"  streaming / non-streaming at c=32, continuous = {cs['rps'] / cp['rps']:.2f}  (goal >= 0.9)")
     print(f"  streaming / non-streaming at c=32, static     = {ss['rps'] / sp['rps']:.2f}  (before)")
+    c4 = res["tinyc4 stream c=32"]
+    print(f"  same, continuous with stream_interval 4       = {c4['rps'] / cp['rps']:.2f}")
     print(f"  gateway c=32 / in-process engine limit        = {cp['rps'] / res['limit']['rps']:.2f}  (goal >= 0.75)")
     print(f"  continuous / static non-streaming at c=32     = {cp['rps'] / sp['rps']:.2f}  (goal >= 1)")
     print(f"  arrivals p50 latency continuous / static      = {ac['p50'] / as_['p50']:.2f}  (goal <= 0.5)")
@@ -284,6 +291,9 @@ def main() -> None:
           "  (goal >= 1.3)")  # fmt: skip
     ttft1, ttft32 = res["tinyc stream c=1"]["ttft_p50"], cs["ttft_p50"]
     print(f"  TTFT p50 c=32 / c=1, continuous               = {ttft32 / ttft1:.2f}  (goal <= 3)")
+    print(
+        f"  same with stream_interval 4                   = {c4['ttft_p50'] / res['tinyc4 stream c=1']['ttft_p50']:.2f}"
+    )
     print(f"  echo through the gateway at c=1: p50 {res['echo c=1']['p50']:.2f} ms")
     eng = res["tinyc engine"]
     print(

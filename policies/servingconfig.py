@@ -80,11 +80,11 @@ class EngineSpec(Strict):
         "that runs until its longest member ends, streams decode alone (kept for comparison). Default continuous.",
     )
     max_batch_tokens: int = Field(
-        default=512,
+        default=2048,
         ge=16,
         le=1_000_000,
         description="Most tokens in one engine step (prompt chunks plus one per decoding request); longer prompts "
-        "are prefilled in chunks. Must be ≥ max_batch_size. Default 512.",
+        "are prefilled in chunks. Must be ≥ max_batch_size. Default 2048 (vLLM's max_num_batched_tokens).",
     )
     kv_cache_tokens: int | None = Field(
         default=None,
@@ -92,6 +92,19 @@ class EngineSpec(Strict):
         le=100_000_000,
         description="Tokens the KV cache holds across all requests. Default: on a GPU, sized from free memory by "
         "transformers; on CPU, max_batch_size x (max_prompt_tokens + max_new_tokens). Must hold one request.",
+    )
+    prefix_caching: bool = Field(
+        default=True,
+        description="Requests with a common prompt prefix share its KV-cache pages (vLLM's enable_prefix_caching). "
+        "Default true.",
+    )
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="A streamed answer sends its first text at once, then a chunk every this many tokens (and the "
+        "rest at the end): fewer, larger chunks cost less per token under load (vLLM's stream_interval). "
+        "Default 1; 1-64.",
     )
     page_size: int = Field(
         default=64, ge=4, le=4096, description="Tokens per KV-cache page (block). Default 64; 4-4096."

@@ -109,7 +109,6 @@ class Budgets:
         except Exception:
             log.exception("settling budget reservation %s failed", hold.id)
 
-
     async def publish(self, gauge: Any) -> None:
         """Set ``gauge`` to each budget's spent share of its hard limit (soft when it has none) in the current
         window, read from the ledger off the event loop. Never raises: a metric must not stop the gateway."""

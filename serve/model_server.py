@@ -206,12 +206,18 @@ class ModelServer:
             return
         ereq = engine_request(req, prepared[0], stream=True, request_id=req.get("request_id") or uuid.uuid4().hex)
         gen = self.engine.submit(ereq)
+        every, held, sent_at = self.cfg.engine.stream_interval, [], None
         try:
             async for item in gen:
                 if isinstance(item, Delta):
                     if item.text:
-                        yield {"delta": item.text}
+                        held.append(item.text)
+                    if held and (sent_at is None or item.completion_tokens - sent_at >= every):
+                        yield {"delta": "".join(held)}
+                        held, sent_at = [], item.completion_tokens
                     continue
+                if held:
+                    yield {"delta": "".join(held)}
                 yield {
                     "done": True,
                     "finish_reason": item.finish_reason,

@@ -43,6 +43,7 @@ def build_engine(cfg: ServingConfig, *, uri: str | None, sha256: str | None, dev
         kv_cache_tokens=cfg.kv_cache_tokens(on_gpu=str(next(model.parameters()).device).startswith("cuda")),
         page_size=spec.page_size,
         max_new_tokens=cfg.max_new_tokens,
+        prefix_caching=spec.prefix_caching,
     )
 
 

@@ -54,11 +54,12 @@ class HFEngine(Engine):
         kv_cache_tokens: int | None = None,
         page_size: int = 64,
         max_new_tokens: int = 256,
+        prefix_caching: bool = True,
     ) -> None:
         super().__init__()
         self.model, self.tok = model, tokenizer
         self.max_seqs, self.max_batch_tokens, self.page_size = max_seqs, max_batch_tokens, page_size
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.prefix_caching = max_new_tokens, prefix_caching
         positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.kv_cache_tokens = kv_cache_tokens
         limits = [x for x in (positions, kv_cache_tokens) if x]
@@ -91,7 +92,7 @@ class HFEngine(Engine):
             "max_requests_per_batch": self.max_seqs,
             "page_size": self.page_size,
             "per_request_processors": True,
-            "allow_block_sharing": True,
+            "allow_block_sharing": self.prefix_caching,
         }
         if self.kv_cache_tokens:
             cb["num_blocks"] = math.ceil(self.kv_cache_tokens / self.page_size)
@@ -198,6 +199,8 @@ class HFEngine(Engine):
                 raise EngineError(503, "the engine is not accepting requests (stopping)")
             while True:
                 out = await self._next(queue, mgr, req)
+                while not queue.empty() and not out.is_finished():  # behind: outputs are cumulative, take the last
+                    out = queue.get_nowait()
                 shared = max(shared, self._step_size)
                 if out.error is not None or int(out.status) == _FAILED:
                     done = True
