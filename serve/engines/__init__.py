@@ -2,6 +2,7 @@
 
 - ``hf`` (:mod:`.hf`): a transformers causal LM on transformers' continuous batching; with
   ``engine.batching: static``, the static batcher of :mod:`.hf_static` instead.
+- ``vllm`` (:mod:`.vllm`): vLLM's engine, a vLLM OpenAI server per replica on loopback.
 - ``echo`` (:mod:`.echo`): no weights, no compute (routing tests, benchmarks of the serving path).
 """
 
@@ -23,6 +24,12 @@ def build_engine(cfg: ServingConfig, *, uri: str | None, sha256: str | None, dev
         return EchoEngine()
     if not uri:
         raise ValueError(f"{cfg.model}: the {cfg.backend} engine needs an artifact uri")
+    if cfg.backend == "vllm":
+        from slipway.llm.checkpoint import load_tokenizer
+        from slipway.serve.engines.vllm import VLLMEngine, model_dir_for
+
+        path = model_dir_for(uri, sha256, cfg.dtype)
+        return VLLMEngine(cfg, path, load_tokenizer(path))
     from slipway.llm.checkpoint import load_causal_lm
 
     model, tok = load_causal_lm(uri, device=device, dtype=cfg.dtype, sha256=sha256)

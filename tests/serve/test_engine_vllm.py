@@ -1,0 +1,121 @@
+"""The vllm engine for real (vLLM's CPU build, ``make vllm-env``): a tiny model served through the whole gateway,
+streamed and not, usage counted, greedy answers equal to the hf engine's; a vLLM server that dies is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tests.plugins.serving import TINY
+
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
+
+MODEL = "tinyv"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _vllm_python() -> str:
+    py = os.environ.get("SLIPWAY_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+    if not Path(py).is_file():
+        msg = f"the vllm engine's environment is missing ({py}): run `make vllm-env`"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return py
+
+
+@pytest.fixture(scope="module")
+def vllm_version(stack, tiny_model_dir):
+    """``tinyv`` v1: the session's tiny model (the weights of ``tiny`` v1) on the vllm engine, one replica."""
+    from slipway.policies.servingconfig import ServingConfig
+    from slipway.serve import control
+
+    python = _vllm_python()
+    cfg = ServingConfig.for_model(
+        MODEL,
+        backend="vllm",
+        ray_actor_options={"num_cpus": 0.1},
+        max_prompt_tokens=64,
+        max_new_tokens=64,
+        vllm={"python": python, "enforce_eager": True, "cpu_kv_cache_gib": 1, "startup_timeout_s": 600},
+    )
+    control.deploy_version(MODEL, 1, config=cfg, uri=str(tiny_model_dir))
+    deadline = time.monotonic() + 600
+    while MODEL not in httpx.get(f"{stack.base_url}/health").json()["models"]:
+        assert time.monotonic() < deadline, "tinyv never became routable"
+        time.sleep(1)
+    yield cfg
+    from ray import serve
+
+    serve.delete(f"{MODEL}-v1")
+
+
+def _info() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("ModelServer", app_name=f"{MODEL}-v1").info.remote().result()
+
+
+def test_vllm_engine_answers_through_the_gateway_like_the_hf_engine(stack, vllm_version) -> None:
+    from slipway.registry.models import UsageRecord
+
+    secret = stack.key()
+    h = {"Authorization": f"Bearer {secret}"}
+    prompts = ["the quick brown fox", "hello there", "name: baker\nrole:"]
+    for p in prompts:
+        body = {"prompt": p, "max_tokens": 12, "temperature": 0}
+        want = httpx.post(f"{stack.base_url}/v1/completions", json={**body, "model": TINY}, headers=h).json()
+        got = httpx.post(f"{stack.base_url}/v1/completions", json={**body, "model": MODEL}, headers=h, timeout=60)
+        assert got.status_code == 200, got.text
+        g = got.json()
+        assert g["choices"][0]["text"] == want["choices"][0]["text"]
+        assert g["usage"] == want["usage"]
+    parts = []
+    body = {"model": MODEL, "prompt": prompts[0], "max_tokens": 12, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{stack.base_url}/v1/completions", json=body, headers=h, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                parts.append(json.loads(line[6:])["choices"][0]["text"] or "")
+    want0 = httpx.post(
+        f"{stack.base_url}/v1/completions", json={**body, "model": TINY, "stream": False}, headers=h
+    ).json()
+    assert "".join(parts) == want0["choices"][0]["text"] and len(parts) > 1
+    deadline = time.monotonic() + 15
+    while True:
+        with stack.registry.session() as s:
+            rows = s.scalars(select(UsageRecord).where(UsageRecord.model == MODEL, UsageRecord.status == 200)).all()
+        if len(rows) >= len(prompts) + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert len(rows) == len(prompts) + 1
+    assert all(r.completion_tokens == 12 and r.version == 1 for r in rows)
+    eng = _info()["engine"]
+    assert eng["engine"] == "vllm" and eng["finished"] >= len(prompts) + 1
+
+
+def test_a_dead_vllm_server_answers_500_then_is_replaced(stack, vllm_version) -> None:
+    secret = stack.key()
+    h = {"Authorization": f"Bearer {secret}"}
+    body = {"model": MODEL, "prompt": "after a crash", "max_tokens": 4, "temperature": 0}
+    eng = _info()["engine"]
+    os.killpg(eng["pid"], signal.SIGKILL)  # vLLM's server and its engine core die (a device fault, an OOM kill)
+    time.sleep(0.5)
+    r = httpx.post(f"{stack.base_url}/v1/completions", json=body, headers=h, timeout=60)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    deadline = time.monotonic() + 300
+    while True:
+        r = httpx.post(f"{stack.base_url}/v1/completions", json=body, headers=h, timeout=60)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert r.status_code == 200, r.text
+    eng = _info()["engine"]
+    assert eng["restarts"] == 1 and eng["running"]
