@@ -154,12 +154,13 @@ class Admitter:
     async def admit(self, principal: Principal, body: p._GenParams, prompt: dict[str, Any]) -> Admission:
         """Admit ``body`` (whose prompt or messages are ``prompt``) for ``principal``. Raises the refusal as a
         :class:`~slipway.serve.errors.ServeError`: 404, 403, 400, 429 (rate limit or budget) or 503."""
-        p.refuse_unsupported(body)
         model = body.model
         if model not in self.table.table:
+            p.refuse_unsupported(body)  # bad arguments are a 400 before an unknown model is a 404
             raise ModelNotFound(f"model {model!r} does not exist or has no live version", param="model")
         principal.check_model(model)
         cfg = self.table.configs[model]
+        extra = p.refuse_unsupported(body, cfg.backend)
         max_tokens = body.max_tokens or cfg.default_max_tokens
         if max_tokens > cfg.max_new_tokens:
             raise BadRequest(
@@ -183,6 +184,8 @@ class Admitter:
             "seed": body.seed,
             "deadline": time.time() + cfg.request_timeout_s,
         }
+        if extra:
+            payload["extra"] = extra  # engine-specific sampling parameters (protocol.ENGINE_PARAMS)
         payload |= prompt
         hold = await self.budgets.reserve(principal, model, bound, max_tokens)
         return Admission(principal, route, limits, hold, payload, bound)

@@ -35,6 +35,7 @@ class ResponseCache:
             "msg": req.get("messages"),
             "max": req["max_tokens"],
             "stop": req.get("stop") or [],
+            "x": req.get("extra") or {},  # engine parameters (penalties, response_format) change the answer
         }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 

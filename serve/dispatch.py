@@ -17,7 +17,7 @@ from typing import Any
 from slipway.policies.servingconfig import ServingConfig
 from slipway.serve.auth import Principal
 from slipway.serve.coalesce import Coalescer
-from slipway.serve.errors import Overloaded, PromptTooLong, ServeError, UpstreamTimeout
+from slipway.serve.errors import BadRequest, Overloaded, PromptTooLong, ServeError, UpstreamTimeout
 from slipway.serve.recording import Recorder, Ticket
 from slipway.serve.routing import choose, shadow_targets
 
@@ -91,6 +91,10 @@ def check_answer(out: dict[str, Any]) -> dict[str, Any]:
         raise PromptTooLong(err["message"], param="prompt")
     if status == 504:
         raise UpstreamTimeout(err["message"])
+    if status == 400:
+        raise BadRequest(err["message"])
+    if status == 503:
+        raise Overloaded(err["message"], headers={"retry-after": "1"})
     raise ServeError(err["message"])
 
 

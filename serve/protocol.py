@@ -103,16 +103,37 @@ _UNSUPPORTED: dict[str, Any] = {
 }
 # Accepted without effect on the answer: request metadata.
 _ACCEPTED = frozenset({"metadata"})
+# What each engine honours beyond the declared fields: these are passed to it as given (vLLM validates them and
+# answers 400 for a bad value, e.g. a malformed JSON schema). Parameters that change the answer's shape (logprobs,
+# n > 1, echo, tools) are honoured by none yet.
+ENGINE_PARAMS: dict[str, frozenset[str]] = {
+    "vllm": frozenset(
+        {
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "top_k",
+            "min_p",
+            "min_tokens",
+            "ignore_eos",
+            "logit_bias",
+            "response_format",
+        }
+    ),
+}
 
 
-def refuse_unsupported(body: _GenParams) -> None:
-    """Raise 400 (OpenAI's error shape, ``param`` naming it) for the first parameter the engines would not
-    honour: ``n`` > 1, a known OpenAI parameter set to a value that changes the answer, or an argument OpenAI
-    does not know either (``unrecognized_parameter``, as OpenAI answers)."""
+def refuse_unsupported(body: _GenParams, engine: str | None = None) -> dict[str, Any]:
+    """The parameters ``engine`` honours beyond the declared ones (to pass to it), after raising 400 (OpenAI's
+    error shape, ``param`` naming it) for the first parameter it would not honour: ``n`` > 1, a known OpenAI
+    parameter set to a value that changes the answer, or an argument OpenAI does not know either
+    (``unrecognized_parameter``, as OpenAI answers)."""
     from slipway.serve.errors import BadRequest
 
     if body.n != 1:
         raise BadRequest("n > 1 is not supported: ask once per completion", param="n", code="unsupported_parameter")
+    honoured = ENGINE_PARAMS.get(engine or "", frozenset())
+    passed: dict[str, Any] = {}
     for name, value in (body.model_extra or {}).items():
         if name in _ACCEPTED:
             continue
@@ -120,12 +141,19 @@ def refuse_unsupported(body: _GenParams) -> None:
             raise BadRequest(
                 f"unrecognized request argument supplied: {name}", param=name, code="unrecognized_parameter"
             )
-        if not _UNSUPPORTED[name](value):
-            raise BadRequest(
-                f"{name}={value!r} is not supported by this gateway's engines; leave it unset",
-                param=name,
-                code="unsupported_parameter",
-            )
+        if _UNSUPPORTED[name](value):
+            continue  # not asked for
+        if name in honoured:
+            passed[name] = value
+            continue
+        where = f"the {engine} engine" if engine else "this gateway's engines"
+        hint = " (the vllm engine honours it)" if name in ENGINE_PARAMS["vllm"] and engine != "vllm" else ""
+        raise BadRequest(
+            f"{name}={value!r} is not supported by {where}{hint}; leave it unset",
+            param=name,
+            code="unsupported_parameter",
+        )
+    return passed
 
 
 def new_id(kind: str) -> str:

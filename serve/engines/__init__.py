@@ -67,4 +67,5 @@ def engine_request(req: dict[str, Any], prompt: str, *, stream: bool, request_id
         seed=req.get("seed"),
         deadline=req.get("deadline"),
         stream=stream,
+        extra=tuple(sorted((req.get("extra") or {}).items())),
     )

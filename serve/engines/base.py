@@ -37,6 +37,7 @@ class EngineRequest:
     seed: int | None = None
     deadline: float | None = None
     stream: bool = False
+    extra: tuple[tuple[str, Any], ...] = ()  # engine-specific parameters the gateway let through (vllm)
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()

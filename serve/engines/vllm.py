@@ -217,6 +217,7 @@ class VLLMEngine(Engine):
             body["stop"] = list(req.stop)
         if req.seed is not None:
             body["seed"] = req.seed
+        body.update(dict(req.extra))  # penalties, top_k, min_p, min_tokens, ignore_eos, response_format, ...
         self.counters.requests += 1
         left = req.time_left()
         if left is not None and left <= 0:

@@ -101,6 +101,25 @@ def test_vllm_engine_answers_through_the_gateway_like_the_hf_engine(stack, vllm_
     assert eng["engine"] == "vllm" and eng["finished"] >= len(prompts) + 1
 
 
+def test_vllm_engine_honours_structured_output_and_penalties_the_hf_engine_refuses(stack, vllm_version) -> None:
+    h = {"Authorization": f"Bearer {stack.key()}"}
+    url = f"{stack.base_url}/v1/completions"
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    body = {"prompt": "is the fox quick?", "max_tokens": 16, "temperature": 0, "response_format": fmt}
+    r = httpx.post(url, json={**body, "model": MODEL}, headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["text"]) in ("yes", "no")  # an untrained model, held to the schema
+    refused = httpx.post(url, json={**body, "model": TINY}, headers=h)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+    plain = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 24, "temperature": 0}
+    a = httpx.post(url, json=plain, headers=h, timeout=60).json()["choices"][0]["text"]
+    b = httpx.post(url, json={**plain, "frequency_penalty": 2.0}, headers=h, timeout=60).json()
+    assert b["choices"][0]["text"] != a  # the untrained model repeats itself; the penalty breaks the loop
+    bad = httpx.post(url, json={**body, "model": MODEL, "response_format": {"type": "json_schema"}}, headers=h)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
+
+
 def test_a_dead_vllm_server_answers_500_then_is_replaced(stack, vllm_version) -> None:
     secret = stack.key()
     h = {"Authorization": f"Bearer {secret}"}

@@ -67,3 +67,32 @@ def test_max_completion_tokens_is_honoured_as_max_tokens():
     )
     p.refuse_unsupported(body)
     assert body.max_tokens == 7
+
+
+@pytest.mark.parametrize("engine", ["hf", "echo"])
+def test_an_engine_without_a_parameter_refuses_it_and_names_the_engine_that_has_it(engine):
+    body = p.CompletionRequest.model_validate(BASE | {"frequency_penalty": 1.5})
+    with pytest.raises(BadRequest) as e:
+        p.refuse_unsupported(body, engine)
+    assert e.value.param == "frequency_penalty" and f"the {engine} engine" in str(e.value)
+    assert "vllm engine honours it" in str(e.value)
+
+
+def test_the_vllm_engine_is_passed_the_sampling_parameters_it_honours():
+    extra = {
+        "presence_penalty": 0.5,
+        "frequency_penalty": 1.0,
+        "repetition_penalty": 1.2,
+        "top_k": 5,
+        "min_p": 0.1,
+        "min_tokens": 3,
+        "ignore_eos": True,
+        "logit_bias": {"7": -100},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}},
+    }
+    body = p.CompletionRequest.model_validate(BASE | extra | {"tool_choice": "none", "logprobs": False})
+    assert p.refuse_unsupported(body, "vllm") == extra  # defaults are not passed on
+    for shape_changing in ({"logprobs": 2}, {"n": 2}, {"echo": True}, {"tools": [{"type": "function"}]}):
+        with pytest.raises(BadRequest) as e:
+            p.refuse_unsupported(p.CompletionRequest.model_validate(BASE | shape_changing), "vllm")
+        assert e.value.code == "unsupported_parameter"
