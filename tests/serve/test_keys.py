@@ -139,6 +139,26 @@ def test_cli_serve_config_emits_a_valid_ray_serve_config(prod_home, tmp_path):
     ServeDeploySchema.model_validate(yaml.safe_load(kube["spec"]["serveConfigV2"]))
 
 
+def test_cli_serve_config_carries_the_engine_settings(prod_home, tmp_path):
+    import yaml
+
+    cfg_file = tmp_path / "serving.yaml"
+    cfg_file.write_text(
+        "apiVersion: slipway/v1\nkind: ServingConfig\nname: demo\nmodel: demo\nbackend: vllm\n"
+        "ray_actor_options: {num_gpus: 2}\nengine: {max_batch_tokens: 4096}\n"
+        "vllm: {tensor_parallel_size: 2, max_model_len: 4096, gpu_memory_utilization: 0.85}\n"
+    )
+    kube = yaml.safe_load(_cli(prod_home, "serve", "config", "--kuberay", "--config", str(cfg_file)).stdout)
+    app = next(a for a in yaml.safe_load(kube["spec"]["serveConfigV2"])["applications"] if a["name"] == "demo-v1")
+    cfg = app["args"]["config"]
+    assert (cfg["backend"], cfg["engine"]["max_batch_tokens"]) == ("vllm", 4096)
+    assert (cfg["vllm"]["tensor_parallel_size"], cfg["vllm"]["gpu_memory_utilization"]) == (2, 0.85)
+    assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 2
+    cfg_file.write_text(cfg_file.read_text().replace("num_gpus: 2", "num_gpus: 1"))
+    r = _cli(prod_home, "serve", "config", "--config", str(cfg_file))
+    assert r.returncode == 2 and "vllm.tensor_parallel_size (2) must equal ray_actor_options.num_gpus (1)" in r.stderr
+
+
 def test_cli_serve_config_with_a_bad_serving_config_is_one_line_exit_2(prod_home, tmp_path):
     cfg_file = tmp_path / "serving.yaml"
     cfg_file.write_text(
