@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--slo-s", type=float, default=2.0, help="latency a request must meet to count as goodput")
     ap.add_argument("--batch-wait", type=float, default=0.02, help="batch_wait_timeout_s of the static path")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vllm engine rows")
     args = ap.parse_args()
 
     import httpx
@@ -260,6 +261,21 @@ def main() -> None:
         )
         h = serve.get_deployment_handle("ModelServer", app_name="tinyc-v1")
         res["tinyc engine"] = h.info.remote().result()["engine"]
+        vpy = os.environ.get("SLIPWAY_VLLM_PYTHON")
+        if vpy and Path(vpy).is_file() and not args.no_vllm:
+            for app in ("tinys-v1", "tinyc4-v1"):  # leave the cores to the vllm row and its hf counterpart
+                serve.delete(app)
+            print("vllm engine (CPU build, enforce_eager) ...", flush=True)
+            vcfg = ServingConfig.for_model(
+                "tinyv", backend="vllm", vllm={"python": vpy, "enforce_eager": True, "cpu_kv_cache_gib": 1}, **common
+            )
+            control.deploy_version("tinyv", 1, uri=str(model_dir), config=vcfg)
+            _wait(lambda: "tinyv" in httpx.get(f"{base}/health").json()["models"], 900)
+            for m in ("tinyv", "tinyc"):
+                for stream in (False, True):
+                    res[f"{m} {'stream' if stream else 'plain'} c=32 (vllm run)"] = asyncio.run(
+                        closed(url, bodies(m, fixed), 32, args.seconds, auth, stream)
+                    )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -300,6 +316,12 @@ def main() -> None:
         f"  engine: {eng['steps']} steps, mean {eng['stepped_requests'] / max(1, eng['steps']):.1f} requests a step,"
         f" {eng['mixed_steps']} steps mixing streamed and non-streamed requests"
     )
+    if "tinyv plain c=32 (vllm run)" in res:
+        print("  vllm engine beside hf, same run after the other rows (16 tokens a request):")
+        for m in ("tinyv", "tinyc"):
+            for kind in ("plain", "stream"):
+                v = res[f"{m} {kind} c=32 (vllm run)"]
+                print(f"    {m} {kind:<6} c=32: {v['rps']:.1f} req/s, {v['rps'] * NEW_TOKENS:.0f} tokens/s")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
 

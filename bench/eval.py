@@ -37,15 +37,27 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="slipway-bench-eval-"))
     model, tok = load_causal_lm(str(build_tiny_model(tmp / "tiny", seed=0)))
     target = InProcessTarget("tiny", model, tok)
-    examples = [Example(str(i), f"Extract the person and the city as JSON.\nText: Ana moved to Lisbon {i}.\nJSON:",
-                        '{"name": "Ana", "city": "Lisbon"}', {}) for i in range(args.examples)]
+    examples = [
+        Example(
+            str(i),
+            f"Extract the person and the city as JSON.\nText: Ana moved to Lisbon {i}.\nJSON:",
+            '{"name": "Ana", "city": "Lisbon"}',
+            {},
+        )
+        for i in range(args.examples)
+    ]
 
     def suite(batch: int) -> EvalSuite:
-        return EvalSuite.model_validate({
-            "apiVersion": "slipway/v1", "kind": "EvalSuite", "name": "bench", "dataset": "unused",
-            "generation": {"max_new_tokens": args.new_tokens, "batch_size": batch},
-            "metrics": [{"name": "json_field_match"}, {"name": "exact_match"}],
-        })
+        return EvalSuite.model_validate(
+            {
+                "apiVersion": "slipway/v1",
+                "kind": "EvalSuite",
+                "name": "bench",
+                "dataset": "unused",
+                "generation": {"max_new_tokens": args.new_tokens, "batch_size": batch},
+                "metrics": [{"name": "json_field_match"}, {"name": "exact_match"}],
+            }
+        )
 
     run_suite(target, suite(args.batch), examples[: args.batch])  # warm-up
     rates: dict[int, list[float]] = {1: [], args.batch: []}
