@@ -276,6 +276,13 @@ def main() -> None:
                     res[f"{m} {'stream' if stream else 'plain'} c=32 (vllm run)"] = asyncio.run(
                         closed(url, bodies(m, fixed), 32, args.seconds, auth, stream)
                     )
+            # vLLM's own OpenAI server, the one the replica started, called directly: what the gateway costs
+            vport = serve.get_deployment_handle("ModelServer", app_name="tinyv-v1").info.remote().result()["engine"]
+            vurl = f"http://127.0.0.1:{vport['port']}/v1/completions"
+            for stream in (False, True):
+                res[f"vllm server direct {'stream' if stream else 'plain'} c=32"] = asyncio.run(
+                    closed(vurl, bodies("tinyv", fixed), 32, args.seconds, {}, stream)
+                )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -322,6 +329,11 @@ def main() -> None:
             for kind in ("plain", "stream"):
                 v = res[f"{m} {kind} c=32 (vllm run)"]
                 print(f"    {m} {kind:<6} c=32: {v['rps']:.1f} req/s, {v['rps'] * NEW_TOKENS:.0f} tokens/s")
+        for kind in ("plain", "stream"):
+            g, d = res[f"tinyv {kind} c=32 (vllm run)"], res[f"vllm server direct {kind} c=32"]
+            print(
+                f"    vllm through the gateway / vLLM's own server, {kind}: {g['rps'] / d['rps']:.2f} (GPU goal >= 0.8)"
+            )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
 

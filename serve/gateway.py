@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slipway.serve import protocol as p
 from slipway.serve import streaming
@@ -119,6 +120,19 @@ app = FastAPI(
 @app.exception_handler(ServeError)
 async def _serve_error(request: Request, e: ServeError) -> JSONResponse:
     return _error_response(e)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """An unknown path or method, in OpenAI's error shape (``/v1/embeddings`` is not served: 404)."""
+    what = "path" if e.status_code == 404 else "method"
+    err = BadRequest(
+        f"{request.method} {request.url.path}: unknown {what}; this gateway serves POST /v1/completions, "
+        "POST /v1/chat/completions and GET /v1/models",
+        code="not_found" if e.status_code == 404 else "method_not_allowed",
+    )
+    err.status = e.status_code
+    return _error_response(err)
 
 
 @app.exception_handler(RequestValidationError)

@@ -19,7 +19,7 @@ from typing import Any
 from ray import serve
 
 from slipway.policies.servingconfig import ServingConfig
-from slipway.serve.engines import Delta, Engine, EngineError, build_engine, engine_request
+from slipway.serve.engines import Delta, Engine, EngineError, build_engine, engine_request, merge_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,12 @@ class ModelServer:
             return prepared
         ereq = engine_request(req, prepared[0], stream=False, request_id=req.get("request_id") or uuid.uuid4().hex)
         parts: list[str] = []
+        logprobs: dict[str, Any] | None = None
         try:
             async for item in self.engine.submit(ereq):
                 if isinstance(item, Delta):
                     parts.append(item.text)
+                    logprobs = merge_logprobs(logprobs, item.logprobs)
                     continue
                 out = {
                     "text": "".join(parts),
@@ -172,6 +174,8 @@ class ModelServer:
                     "finish_reason": item.finish_reason,
                     "batch_size": item.batch_size,
                 }
+                if logprobs is not None:
+                    out["logprobs"] = logprobs
                 break
             else:
                 return _error(500, "the engine ended the request without an answer")
@@ -206,18 +210,19 @@ class ModelServer:
             return
         ereq = engine_request(req, prepared[0], stream=True, request_id=req.get("request_id") or uuid.uuid4().hex)
         gen = self.engine.submit(ereq)
-        every, held, sent_at = self.cfg.engine.stream_interval, [], None
+        every, held, held_lp, sent_at = self.cfg.engine.stream_interval, [], None, None
         try:
             async for item in gen:
                 if isinstance(item, Delta):
                     if item.text:
                         held.append(item.text)
-                    if held and (sent_at is None or item.completion_tokens - sent_at >= every):
-                        yield {"delta": "".join(held)}
-                        held, sent_at = [], item.completion_tokens
+                    held_lp = merge_logprobs(held_lp, item.logprobs)
+                    if (held or held_lp) and (sent_at is None or item.completion_tokens - sent_at >= every):
+                        yield {"delta": "".join(held)} | ({"logprobs": held_lp} if held_lp else {})
+                        held, held_lp, sent_at = [], None, item.completion_tokens
                     continue
-                if held:
-                    yield {"delta": "".join(held)}
+                if held or held_lp:
+                    yield {"delta": "".join(held)} | ({"logprobs": held_lp} if held_lp else {})
                 yield {
                     "done": True,
                     "finish_reason": item.finish_reason,

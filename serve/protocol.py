@@ -118,6 +118,8 @@ ENGINE_PARAMS: dict[str, frozenset[str]] = {
             "ignore_eos",
             "logit_bias",
             "response_format",
+            "logprobs",
+            "top_logprobs",
         }
     ),
 }
@@ -174,7 +176,9 @@ def completion_body(rid: str, model: str, out: dict[str, Any]) -> dict[str, Any]
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}],
+        "choices": [
+            {"index": 0, "text": out["text"], "logprobs": out.get("logprobs"), "finish_reason": out["finish_reason"]}
+        ],
         "usage": usage(out["prompt_tokens"], out["completion_tokens"]),
         "system_fingerprint": f"v{out['version']}",
     }
@@ -190,7 +194,7 @@ def chat_body(rid: str, model: str, out: dict[str, Any]) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": out["text"]},
-                "logprobs": None,
+                "logprobs": chat_logprobs(out.get("logprobs")),
                 "finish_reason": out["finish_reason"],
             }
         ],
@@ -199,21 +203,52 @@ def chat_body(rid: str, model: str, out: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None, created: int) -> dict[str, Any]:
+def completion_chunk(
+    rid: str, model: str, text: str, finish: str | None, created: int, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None, created: int) -> dict[str, Any]:
+def chat_chunk(
+    rid: str,
+    model: str,
+    delta: dict[str, Any],
+    finish: str | None,
+    created: int,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}],
+    }
+
+
+def chat_logprobs(lp: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Completions-style logprobs (``tokens``, ``token_logprobs``, ``top_logprobs``: what engines return) in the
+    chat shape: ``{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}``."""
+    if lp is None:
+        return None
+    tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+    return {
+        "content": [
+            {
+                "token": tok,
+                "logprob": logprob,
+                "bytes": list(tok.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode())}
+                    for t, v in sorted((top or {}).items(), key=lambda kv: -kv[1])
+                ],
+            }
+            for tok, logprob, top in zip(lp["tokens"], lp["token_logprobs"], tops, strict=True)
+        ]
     }

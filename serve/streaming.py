@@ -43,14 +43,14 @@ class Stream:
     def cid(self) -> str:
         return f"chatcmpl-{self.rid}" if self.chat else f"cmpl-{self.rid}"
 
-    def chunk(self, text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(self, text: str | None, finish: str | None, role: bool = False, logprobs: Any = None) -> str:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            data = p.chat_chunk(self.cid, self.model, delta, finish, self.created)
+            data = p.chat_chunk(self.cid, self.model, delta, finish, self.created, logprobs)
         else:
-            data = p.completion_chunk(self.cid, self.model, text or "", finish, self.created)
+            data = p.completion_chunk(self.cid, self.model, text or "", finish, self.created, logprobs)
         if self.include_usage:
             data["usage"] = None
         return _event(data)
@@ -99,7 +99,7 @@ async def sse(s: Stream, t: Ticket, recorder: Recorder, on_answer: Callable[[str
             if "done" in item:
                 final = item
                 break
-            yield s.chunk(item["delta"], None)
+            yield s.chunk(item["delta"], None, logprobs=item.get("logprobs"))
             streamed += 1
             pieces.append(item["delta"])
             item = await s.next()

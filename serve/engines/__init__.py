@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from slipway.policies.servingconfig import ServingConfig
-from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, collect
+from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, collect, merge_logprobs
 
-__all__ = ["Delta", "Engine", "EngineError", "EngineRequest", "Finish", "build_engine", "collect"]
+__all__ = ["Delta", "Engine", "EngineError", "EngineRequest", "Finish", "build_engine", "collect", "merge_logprobs"]
 
 
 def build_engine(cfg: ServingConfig, *, uri: str | None, sha256: str | None, device: str | None) -> Engine:

@@ -45,10 +45,22 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text, and the completion tokens generated so far."""
+    """New text, the completion tokens generated so far and, when asked for, the new tokens' logprobs
+    (completions shape: ``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``)."""
 
     text: str
     completion_tokens: int
+    logprobs: dict[str, Any] | None = None
+
+
+def merge_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two runs of completions-shaped logprobs, one after the other."""
+    if a is None or b is None:
+        return a or b
+    return {
+        k: list(a.get(k) or []) + list(b.get(k) or [])
+        for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    }
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ class HFEngine(Engine):
             if self._closed:
                 raise EngineError(503, "the engine is shutting down")
             mgr = self._mgr
-            if mgr is not None and mgr.is_running():
+            if _alive(mgr):
                 return mgr
             err = getattr(mgr.background_thread_status, "fatal_error", None) if mgr is not None else None
             log.error("continuous batching manager stopped (%s); starting a new one", err)
@@ -143,7 +143,7 @@ class HFEngine(Engine):
                 self._mgr.continuous_batching_config.max_requests_per_batch = self.max_seqs
 
     def healthy(self) -> bool:
-        return self._closed or (self._mgr is not None and self._mgr.is_running())
+        return self._closed or _alive(self._mgr)
 
     def revive(self) -> None:
         with contextlib.suppress(EngineError):  # closed: nothing to revive
@@ -258,6 +258,12 @@ class HFEngine(Engine):
             running=bool(mgr is not None and mgr.is_running()),
         )
         return s
+
+
+def _alive(mgr: Any) -> bool:
+    """The manager's loop runs and takes requests: not dead, and not on its way out after a fatal error (its
+    thread lives a moment after it has failed its requests)."""
+    return mgr is not None and mgr.is_running() and mgr.background_thread_status.can_accept_new_requests() is None
 
 
 def _status_failed() -> int:

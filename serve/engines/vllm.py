@@ -217,7 +217,12 @@ class VLLMEngine(Engine):
             body["stop"] = list(req.stop)
         if req.seed is not None:
             body["seed"] = req.seed
-        body.update(dict(req.extra))  # penalties, top_k, min_p, min_tokens, ignore_eos, response_format, ...
+        extra = dict(req.extra)  # penalties, top_k, min_p, min_tokens, ignore_eos, response_format, logprobs
+        top_n = None
+        if "top_logprobs" in extra or extra.get("logprobs") is True:  # the chat shape: logprobs=true, top_logprobs=k
+            top_n = int(extra.pop("top_logprobs", 0) or 0)
+            extra["logprobs"] = top_n
+        body.update(extra)
         self.counters.requests += 1
         left = req.time_left()
         if left is not None and left <= 0:
@@ -225,13 +230,13 @@ class VLLMEngine(Engine):
             raise EngineError(504, "the request ran past its deadline before reaching the engine")
         try:
             async with asyncio.timeout(left):
-                async for item in self._events(body):
+                async for item in self._events(body, top_n):
                     yield item
         except TimeoutError:  # leaving the stream closes the connection: vLLM aborts the request
             self.counters.timed_out += 1
             raise EngineError(504, "the request ran past its deadline in the engine") from None
 
-    async def _events(self, body: dict[str, Any]) -> AsyncIterator[Delta | Finish]:
+    async def _events(self, body: dict[str, Any], top_n: int | None) -> AsyncIterator[Delta | Finish]:
         import httpx
 
         n, reason = 0, None
@@ -248,8 +253,11 @@ class VLLMEngine(Engine):
                     ev = json.loads(line[6:])
                     for ch in ev.get("choices") or ():
                         n += 1
-                        if ch.get("text"):
-                            yield Delta(ch["text"], n)
+                        lp = ch.get("logprobs")
+                        if lp is not None and top_n is not None:  # vLLM adds the sampled token to the top k
+                            lp = {**lp, "top_logprobs": [_top(t, top_n) for t in lp.get("top_logprobs") or []]}
+                        if ch.get("text") or lp:
+                            yield Delta(ch.get("text") or "", n, lp)
                         reason = ch.get("finish_reason") or reason
                     usage = ev.get("usage")
                     if usage:
@@ -272,6 +280,10 @@ class VLLMEngine(Engine):
             max_total_tokens=self.max_total_tokens,
         )
         return s
+
+
+def _top(entries: dict[str, float] | None, k: int) -> dict[str, float]:
+    return dict(sorted((entries or {}).items(), key=lambda kv: -kv[1])[:k])
 
 
 def _die_with_parent() -> None:

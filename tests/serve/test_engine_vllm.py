@@ -120,6 +120,33 @@ def test_vllm_engine_honours_structured_output_and_penalties_the_hf_engine_refus
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", bad.text
 
 
+def test_vllm_engine_returns_logprobs_for_completions_and_chat(stack, vllm_version) -> None:
+    h = {"Authorization": f"Bearer {stack.key()}"}
+    body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    r = httpx.post(f"{stack.base_url}/v1/completions", json=body, headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 8
+    assert "".join(lp["tokens"]) == r.json()["choices"][0]["text"]
+    for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert chosen <= 0 and abs(chosen - max(top.values())) < 1e-4  # greedy: the chosen token is the likeliest
+    c = stack.client(stack.key())
+    chat = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    streamed = c.completions.create(
+        model=MODEL, prompt="the quick brown fox", max_tokens=8, temperature=0, logprobs=2, stream=True
+    )
+    tokens = [t for ch in streamed if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert tokens == lp["tokens"]
+    refused = httpx.post(f"{stack.base_url}/v1/completions", json={**body, "model": TINY}, headers=h)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+
+
 def test_a_dead_vllm_server_answers_500_then_is_replaced(stack, vllm_version) -> None:
     secret = stack.key()
     h = {"Authorization": f"Bearer {secret}"}

@@ -111,6 +111,14 @@ def test_unknown_model_is_404_model_not_found(stack):
     assert "nope" in err["message"] and err["param"] == "model"
 
 
+def test_an_unserved_endpoint_is_an_openai_shaped_404(stack):
+    r = _post(stack, stack.key(), {"model": ECHO, "input": "x"}, path="/v1/embeddings")
+    err = _assert_error(r, 404, "not_found")
+    assert "/v1/embeddings" in err["message"] and err["type"] == "invalid_request_error"
+    r = httpx.get(f"{stack.base_url}/v1/completions", timeout=30)
+    _assert_error(r, 405, "method_not_allowed")
+
+
 def test_bad_key_is_401(stack):
     _assert_error(_post(stack, "sk-slw-not-a-real-key", {"model": ECHO, "prompt": "x"}), 401, "invalid_api_key")
 

@@ -89,10 +89,19 @@ def test_the_vllm_engine_is_passed_the_sampling_parameters_it_honours():
         "ignore_eos": True,
         "logit_bias": {"7": -100},
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}},
+        "logprobs": 2,
     }
-    body = p.CompletionRequest.model_validate(BASE | extra | {"tool_choice": "none", "logprobs": False})
+    body = p.CompletionRequest.model_validate(BASE | extra | {"tool_choice": "none", "top_logprobs": 0})
     assert p.refuse_unsupported(body, "vllm") == extra  # defaults are not passed on
-    for shape_changing in ({"logprobs": 2}, {"n": 2}, {"echo": True}, {"tools": [{"type": "function"}]}):
+    for shape_changing in ({"n": 2}, {"echo": True}, {"best_of": 2}, {"tools": [{"type": "function"}]}):
         with pytest.raises(BadRequest) as e:
             p.refuse_unsupported(p.CompletionRequest.model_validate(BASE | shape_changing), "vllm")
         assert e.value.code == "unsupported_parameter"
+
+
+def test_completions_logprobs_are_converted_to_the_chat_shape():
+    lp = {"tokens": ["a", "é"], "token_logprobs": [-0.1, -2.0], "top_logprobs": [{"a": -0.1, "b": -3.0}, {"é": -2.0}]}
+    chat = p.chat_logprobs(lp)["content"]
+    assert [c["token"] for c in chat] == ["a", "é"] and chat[1]["bytes"] == list("é".encode())
+    assert [t["token"] for t in chat[0]["top_logprobs"]] == ["a", "b"]  # most likely first
+    assert p.chat_logprobs(None) is None
