@@ -6,7 +6,8 @@ Setups, each at concurrency 1, 8 and 32 with a closed-loop client, 32-token prom
   fastapi      FastAPI + uvicorn, one blocking request at a time (the naive server)
   rs-unbatched   Ray Serve model server with max_batch_size=1, over HTTP through a thin ingress that reaches
                  it the way the gateway does (concurrent requests coalesced into one call)
-  rs-batched     Ray Serve model server with @serve.batch(32), over HTTP through the same thin ingress
+  rs-batched     Ray Serve model server on the hf engine (continuous batching, 32 a step), over HTTP through the
+                 same thin ingress
   rs-per-request rs-batched's model server, one handle call per request (no coalescing)
   gateway        rs-batched behind the full slipway gateway (auth, rate limit, routing, usage, metrics)
 
@@ -193,7 +194,9 @@ def direct_ingress(coalesce: bool):
             if not coalesce:
                 return await h.generate.remote(body)
             c = self.coalescers.get(app) or self.coalescers.setdefault(
-                app, Coalescer(lambda items: _remote(h.generate_many, items), max_items=64)
+                # as the gateway does for a continuous engine: whatever waits leaves at once, many calls in flight
+                app,
+                Coalescer(lambda items: _remote(h.generate_many, items), max_items=64, max_inflight=32),
             )
             return await c.submit(body)
 
