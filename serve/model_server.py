@@ -127,14 +127,16 @@ class ModelServer:
             "busy_s": self.engine.counters.busy_s,
         }
 
-    def _prepare(self, req: dict[str, Any]) -> tuple[str, int] | dict[str, Any]:
+    def _prepare(self, req: dict[str, Any]) -> tuple[str, list[Any]] | dict[str, Any]:
+        """The rendered prompt and its tokens (tokenized once: the engine reuses them), or a 413."""
         prompt = req.get("prompt")
         if prompt is None:
             prompt = self.engine.render_chat(req["messages"])
-        n = self.engine.count(prompt)
-        if n > self.cfg.max_prompt_tokens:
-            return _error(413, f"prompt has {n} tokens; {self.model} accepts at most {self.cfg.max_prompt_tokens}")
-        return prompt, n
+        ids = self.engine.encode(prompt)
+        if len(ids) > self.cfg.max_prompt_tokens:
+            n, most = len(ids), self.cfg.max_prompt_tokens
+            return _error(413, f"prompt has {n} tokens; {self.model} accepts at most {most}")
+        return prompt, ids
 
     async def _fault(self) -> dict[str, Any] | None:
         """The configured fault, if this request is to suffer it (chaos testing)."""
@@ -158,7 +160,8 @@ class ModelServer:
         prepared = self._prepare(req)
         if isinstance(prepared, dict):
             return prepared
-        ereq = engine_request(req, prepared[0], stream=False, request_id=req.get("request_id") or uuid.uuid4().hex)
+        rid = req.get("request_id") or uuid.uuid4().hex
+        ereq = engine_request(req, prepared[0], stream=False, request_id=rid, prompt_ids=prepared[1])
         parts: list[str] = []
         logprobs: dict[str, Any] | None = None
         try:
@@ -208,7 +211,8 @@ class ModelServer:
         if isinstance(prepared, dict):
             yield prepared
             return
-        ereq = engine_request(req, prepared[0], stream=True, request_id=req.get("request_id") or uuid.uuid4().hex)
+        rid = req.get("request_id") or uuid.uuid4().hex
+        ereq = engine_request(req, prepared[0], stream=True, request_id=rid, prompt_ids=prepared[1])
         gen = self.engine.submit(ereq)
         every, held, held_lp, sent_at = self.cfg.engine.stream_interval, [], None, None
         try:

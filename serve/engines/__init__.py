@@ -54,12 +54,15 @@ def build_engine(cfg: ServingConfig, *, uri: str | None, sha256: str | None, dev
     )
 
 
-def engine_request(req: dict[str, Any], prompt: str, *, stream: bool, request_id: str) -> EngineRequest:
+def engine_request(
+    req: dict[str, Any], prompt: str, *, stream: bool, request_id: str, prompt_ids: list[Any] | None = None
+) -> EngineRequest:
     """The engine's view of a gateway payload (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
-    ``deadline``)."""
+    ``deadline``); ``prompt_ids`` when the prompt has been tokenized already."""
     return EngineRequest(
         request_id=request_id,
         prompt=prompt,
+        prompt_ids=tuple(prompt_ids) if prompt_ids is not None else None,
         max_tokens=int(req["max_tokens"]),
         temperature=float(req.get("temperature") or 0.0),
         top_p=float(req.get("top_p") if req.get("top_p") is not None else 1.0),

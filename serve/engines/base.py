@@ -37,6 +37,7 @@ class EngineRequest:
     seed: int | None = None
     deadline: float | None = None
     stream: bool = False
+    prompt_ids: tuple[int, ...] | None = None  # the prompt's tokens, when the caller has them (counted once)
     extra: tuple[tuple[str, Any], ...] = ()  # engine-specific parameters the gateway let through (vllm)
 
     def time_left(self) -> float | None:
@@ -117,8 +118,25 @@ class Engine:
     def __init__(self) -> None:
         self.counters = Counters()
 
-    def count(self, text: str) -> int:
+    def encode(self, text: str) -> list[Any]:
+        """The prompt's tokens (what ``max_prompt_tokens`` and the context length count)."""
         raise NotImplementedError
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def prompt_ids(self, req: EngineRequest) -> list[Any]:
+        return list(req.prompt_ids) if req.prompt_ids is not None else self.encode(req.prompt)
+
+    def check_length(self, n_prompt: int, max_tokens: int) -> None:
+        """413 before the request reaches the engine when the prompt plus ``max_tokens`` exceed the context."""
+        if self.max_total_tokens is not None and n_prompt + max_tokens > self.max_total_tokens:
+            self.counters.too_long += 1
+            raise EngineError(
+                413,
+                f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) is more than the {self.max_total_tokens} "
+                "tokens this model's context holds",
+            )
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         lines = [f"{m['role']}: {m.get('content') or ''}" for m in messages]
@@ -143,6 +161,22 @@ class Engine:
 
     def close_now(self) -> None:
         """:meth:`close`, callable without an event loop."""
+
+
+class TokenizedEngine(Engine):
+    """An engine over a Hugging Face tokenizer: its tokens and its chat template."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
+        self.tok = tokenizer
+
+    def encode(self, text: str) -> list[Any]:
+        return self.tok(text)["input_ids"]
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return super().render_chat(messages)
 
 
 async def collect(engine: Engine, req: EngineRequest) -> tuple[str, Finish]:

@@ -18,8 +18,8 @@ class EchoEngine(Engine):
         super().__init__()
         self._active = 0
 
-    def count(self, text: str) -> int:
-        return len(text.split())
+    def encode(self, text: str) -> list[str]:
+        return text.split()  # its tokens are words
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
         words = req.prompt.split() or ["echo"]

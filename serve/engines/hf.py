@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, StopScanner
+from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, StopScanner, TokenizedEngine
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ GREEDY_TEMPERATURE = 1e-7  # logits / 1e-7: the softmax is one-hot, so sampling 
 _POLL_S = 0.5  # how often a waiting request checks that the manager is alive
 
 
-class HFEngine(Engine):
+class HFEngine(TokenizedEngine):
     """Continuous batching over one loaded model. ``max_seqs`` requests at most per step, ``max_batch_tokens``
     tokens at most per step (prefill chunks and decodes), a KV cache of ``kv_cache_tokens`` tokens in pages of
     ``page_size``."""
@@ -56,8 +56,8 @@ class HFEngine(Engine):
         max_new_tokens: int = 256,
         prefix_caching: bool = True,
     ) -> None:
-        super().__init__()
-        self.model, self.tok = model, tokenizer
+        super().__init__(tokenizer)
+        self.model = model
         self.max_seqs, self.max_batch_tokens, self.page_size = max_seqs, max_batch_tokens, page_size
         self.max_new_tokens, self.prefix_caching = max_new_tokens, prefix_caching
         positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -157,25 +157,8 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    def count(self, text: str) -> int:
-        return len(self.tok(text)["input_ids"])
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return super().render_chat(messages)
-
-    def check_length(self, n_prompt: int, max_tokens: int) -> None:
-        if self.max_total_tokens is not None and n_prompt + max_tokens > self.max_total_tokens:
-            self.counters.too_long += 1
-            raise EngineError(
-                413,
-                f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) is more than the {self.max_total_tokens} "
-                "tokens this model's context holds",
-            )
-
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
-        ids = self.tok(req.prompt)["input_ids"]
+        ids = self.prompt_ids(req)
         self.check_length(len(ids), req.max_tokens)
         mgr = self._running()
         rid = f"{req.request_id}-{uuid.uuid4().hex[:8]}"

@@ -15,31 +15,23 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, StopScanner
+from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, StopScanner, TokenizedEngine
 
 log = logging.getLogger(__name__)
 
 
-class HFStaticEngine(Engine):
+class HFStaticEngine(TokenizedEngine):
     name = "hf-static"
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        super().__init__()
-        self.model, self.tok = model, tokenizer
+        super().__init__(tokenizer)
+        self.model = model
         self.device = next(model.parameters()).device
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.max_total_tokens = positions
         self._queue: asyncio.Queue[tuple[EngineRequest, asyncio.Future[Any]]] | None = None
         self._task: asyncio.Task[None] | None = None
-
-    def count(self, text: str) -> int:
-        return len(self.tok(text)["input_ids"])
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return super().render_chat(messages)
 
     def reconfigure(self, *, max_seqs: int | None = None, batch_wait_timeout_s: float | None = None) -> None:
         if max_seqs is not None:
@@ -48,10 +40,8 @@ class HFStaticEngine(Engine):
             self.batch_wait_timeout_s = float(batch_wait_timeout_s)
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
-        n_prompt = self.count(req.prompt)
-        if self.max_total_tokens is not None and n_prompt + req.max_tokens > self.max_total_tokens:
-            self.counters.too_long += 1
-            raise EngineError(413, f"prompt plus max_tokens is more than the {self.max_total_tokens} tokens of context")
+        n_prompt = len(self.prompt_ids(req))
+        self.check_length(n_prompt, req.max_tokens)
         self.counters.requests += 1
         if req.stream:
             async for item in self._stream(req, n_prompt):

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish
+from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, TokenizedEngine
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,14 @@ def server_command(cfg: Any, model_dir: Path, port: int, python: str) -> list[st
     return cmd + list(v.extra_args)
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(TokenizedEngine):
     """Requests forwarded to a vLLM OpenAI server this engine starts, watches and stops."""
 
     name = "vllm"
 
     def __init__(self, cfg: Any, model_dir: Path, tokenizer: Any) -> None:
-        super().__init__()
-        self.cfg, self.model_dir, self.tok = cfg, model_dir, tokenizer
+        super().__init__(tokenizer)
+        self.cfg, self.model_dir = cfg, model_dir
         self.python = cfg.vllm.python or os.environ.get("SLIPWAY_VLLM_PYTHON") or sys.executable
         self.max_total_tokens = cfg.vllm.max_model_len or cfg.max_prompt_tokens + cfg.max_new_tokens
         self.proc: subprocess.Popen[bytes] | None = None
@@ -176,14 +176,6 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    def count(self, text: str) -> int:
-        return len(self.tok(text)["input_ids"])
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return super().render_chat(messages)
-
     def _http(self) -> Any:
         import httpx
 
@@ -193,14 +185,7 @@ class VLLMEngine(Engine):
         return self._client
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
-        n_prompt = self.count(req.prompt)
-        if n_prompt + req.max_tokens > self.max_total_tokens:
-            self.counters.too_long += 1
-            raise EngineError(
-                413,
-                f"prompt ({n_prompt} tokens) plus max_tokens ({req.max_tokens}) is more than the "
-                f"{self.max_total_tokens} tokens this model's context holds",
-            )
+        self.check_length(len(self.prompt_ids(req)), req.max_tokens)
         if not self.healthy():
             self.counters.failed += 1
             raise EngineError(500, "the vLLM server is down; a new one is starting")
