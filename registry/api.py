@@ -15,11 +15,11 @@ import contextlib
 from collections.abc import Iterator
 
 from sqlalchemy import Engine, event
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from slipway.registry import db
-from slipway.registry.errors import AlreadyExists, DatabaseUnavailable
+from slipway.registry.errors import AlreadyExists, DatabaseUnavailable, PermissionDenied
 
 
 class Registry:
@@ -75,23 +75,37 @@ class Registry:
     def session(self, *, actor: str | None = None) -> Iterator[Session]:
         """A session inside one transaction: committed on success, rolled back on any exception.
 
-        Integrity and connection failures come out as :class:`AlreadyExists` and
-        :class:`DatabaseUnavailable`; nothing from the driver reaches the caller.
+        Who acts: on PostgreSQL the connection's role (``session_user``), established by the database's own
+        authentication; ``actor`` (or the registry's) is then only recorded beside it, as ``via`` — a Prefect flow
+        run, an API key, a label. On SQLite, single-user by nature, ``actor`` is the display label itself.
+
+        Integrity, privilege and connection failures come out as :class:`AlreadyExists`,
+        :class:`PermissionDenied` and :class:`DatabaseUnavailable`; nothing from the driver reaches the caller.
         """
         with db.connection_errors(str(self.engine.url)):
             s = self._sessions()
-            s.info["actor"] = actor or self.actor or "unknown"
+            label = actor or self.actor
             # Every writer takes the audit-chain lock before its first row change, so two transactions never
             # wait on each other's rows and on the chain in opposite orders.
             event.listen(s, "before_flush", _lock_before_writes)
             try:
                 with s.begin():
+                    if self.engine.dialect.name == "postgresql":
+                        user = db.session_user(s.connection())
+                        s.info["actor"] = user
+                        s.info["via"] = label if label and label != user else None
+                    else:
+                        s.info["actor"] = label or "unknown"
                     yield s
             except IntegrityError as e:
                 raise AlreadyExists(f"conflicts with an existing record: {_first_line(e)}") from e
             except OperationalError as e:
                 if "no such table" in str(e) or "does not exist" in str(e):
                     raise DatabaseUnavailable("registry database is not initialised: run `slipway db upgrade`") from e
+                raise
+            except DBAPIError as e:
+                if getattr(e.orig, "sqlstate", None) == db.INSUFFICIENT_PRIVILEGE:
+                    raise _denied(e, user=s.info.get("actor")) from e
                 raise
             finally:
                 s.close()
@@ -105,6 +119,20 @@ def _lock_before_writes(session: Session, _ctx: object, _instances: object) -> N
         from slipway.registry import audit
 
         audit.lock_chain(session)
+
+
+def _denied(e: DBAPIError, *, user: str | None) -> PermissionDenied:
+    """PostgreSQL's refusal in words: its message, the role the action needs, and who was refused."""
+    from slipway.registry.roles import OWNER, needed_role
+
+    message = str(e.orig or e).strip().splitlines()[0]
+    role = needed_role(message, str(e.statement or ""))
+    if role == OWNER:
+        need = "; only the owner of the registry may do that"
+    else:
+        need = f"; it needs role {role}" if role and role not in message else ""
+    who = f" (connected as {user!r})" if user else ""
+    return PermissionDenied(f"permission denied: {message}{need}{who}; nothing was changed", role=role)
 
 
 def _first_line(e: IntegrityError) -> str:

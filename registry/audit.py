@@ -39,9 +39,17 @@ def jsonable(value: Any) -> Any:
 
 
 def event_hash(
-    *, ts: dt.datetime, actor: str, action: str, target: str, before: Any, after: Any, prev_hash: str
+    *,
+    ts: dt.datetime,
+    actor: str,
+    action: str,
+    target: str,
+    before: Any,
+    after: Any,
+    prev_hash: str,
+    via: str | None = None,
 ) -> str:
-    body = {
+    body: dict[str, Any] = {
         "ts": ts.astimezone(dt.UTC).isoformat(timespec="microseconds"),
         "actor": actor,
         "action": action,
@@ -50,6 +58,8 @@ def event_hash(
         "after": after,
         "prev": prev_hash,
     }
+    if via is not None:  # absent from events written before it existed, whose hashes must not change
+        body["via"] = via
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -71,9 +81,13 @@ def lock_chain(session: Session) -> None:
 def append(
     session: Session, *, action: str, target: str, before: Any = None, after: Any = None, actor: str | None = None
 ) -> AuditEvent:
-    """Append one event to the chain in the caller's transaction and return it."""
+    """Append one event to the chain in the caller's transaction and return it.
+
+    The actor is the session's (on PostgreSQL the connection's role, which a trigger checks); what the caller
+    said it acts for goes beside it as ``via``."""
     lock_chain(session)
     actor = actor or session.info.get("actor") or "unknown"
+    via = session.info.get("via")
     prev = session.execute(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).scalar()
     prev_hash = prev or GENESIS
     ts = utcnow()
@@ -86,8 +100,9 @@ def append(
         before=before,
         after=after,
         prev_hash=prev_hash,
+        via=via,
         hash=event_hash(
-            ts=ts, actor=actor, action=action, target=target, before=before, after=after, prev_hash=prev_hash
+            ts=ts, actor=actor, action=action, target=target, before=before, after=after, prev_hash=prev_hash, via=via
         ),
     )
     session.add(event)
@@ -116,6 +131,7 @@ def verify(session: Session, *, batch: int = 5000) -> list[ChainBreak]:
             before=ev.before,
             after=ev.after,
             prev_hash=ev.prev_hash,
+            via=ev.via,
         )
         if recomputed != ev.hash:
             breaks.append(ChainBreak(ev.id, "content does not match its stored hash (row altered)"))

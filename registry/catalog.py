@@ -12,7 +12,7 @@ Each aggregate lives in its own module; this facade only re-exports them, so the
 
 from slipway.registry._names import NAME_RE
 from slipway.registry.aliases import find_alias, get_alias, protect_alias, set_alias
-from slipway.registry.approval_records import approvals_for, record_approval
+from slipway.registry.approval_records import approvals_for, record_approval, requester_of
 from slipway.registry.dataset_records import get_dataset, record_validation, register_dataset
 from slipway.registry.refs import VersionRef, resolve
 from slipway.registry.versions import (
@@ -50,6 +50,7 @@ __all__ = [
     "record_approval",
     "record_validation",
     "register_dataset",
+    "requester_of",
     "resolve",
     "set_alias",
     "set_status",

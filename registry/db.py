@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,6 +16,7 @@ from slipway.errors import ConfigError
 from slipway.registry.errors import DatabaseUnavailable
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE for a refused privilege (and our functions' refusals)
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 
 
@@ -77,6 +78,15 @@ def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def session_user(conn: Connection) -> str:
+    """The PostgreSQL role this connection authenticated as (``session_user``: ``SET ROLE`` does not change it),
+    asked once per pooled connection."""
+    info = conn.info
+    if "session_user" not in info:
+        info["session_user"] = conn.exec_driver_sql("SELECT session_user").scalar_one()
+    return str(info["session_user"])
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -25,16 +25,25 @@ class AliasConflict(RegistryError):
     """An alias moved since the caller read it (compare-and-set failed); nothing was changed."""
 
 
-class ProtectedAlias(RegistryError):
-    """A protected alias may only move with an approval or the required role."""
-
-
 class LeaseHeld(RegistryError):
     """Another promotion of this model holds the lease."""
 
 
 class InvalidTransition(RegistryError):
     """A status change that the lifecycle does not allow (e.g. promoting a rejected version)."""
+
+
+class PermissionDenied(RegistryError, PermissionError):
+    """The connection's database role may not do this; ``role`` names the role it needs, when one is known.
+    Nothing was changed (the transaction is rolled back)."""
+
+    def __init__(self, message: str, *, role: str | None = None) -> None:
+        super().__init__(message)
+        self.role = role
+
+
+class ProtectedAlias(PermissionDenied):
+    """A protected alias may only move with an approval or the required role."""
 
 
 class DatabaseUnavailable(RegistryError):

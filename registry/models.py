@@ -328,7 +328,11 @@ class ComplianceFinding(Base):
 
 
 class Approval(Base):
+    """One decision per approver and subject: on PostgreSQL the approver is the connection's role, so distinct
+    approvers are distinct database roles."""
+
     __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("subject", "approver"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     subject: Mapped[str] = mapped_column(String(500), index=True)  # e.g. "version:demo:3", "run:<id>/gate"
@@ -357,7 +361,9 @@ class AuditEvent(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     ts: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    actor: Mapped[str] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(200))  # PostgreSQL: the connection's role (session_user)
+    # what the caller said it acts for (a flow run, an API key, SLIPWAY_ACTOR): recorded, grants nothing
+    via: Mapped[str | None] = mapped_column(String(200))
     action: Mapped[str] = mapped_column(String(100), index=True)
     target: Mapped[str] = mapped_column(String(500))
     before: Mapped[dict[str, Any] | None] = mapped_column()

@@ -27,6 +27,7 @@ pytest_plugins: list[str] = [
     "tests.plugins.pipelines",
     "tests.plugins.llm",
     "tests.plugins.prometheus",
+    "tests.plugins.pgcluster",
 ]
 
 PG_URL = os.environ.get("SLIPWAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

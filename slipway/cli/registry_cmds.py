@@ -50,6 +50,20 @@ def db_current() -> None:
     typer.echo(f"registry {reg.url}: at {db.current_revision(reg.engine) or 'empty'}, head {db.head_revision()}")
 
 
+@db_app.command("roles")
+def db_roles() -> None:
+    """Create the database roles and grant each exactly its privileges (PostgreSQL; run by the owner; idempotent).
+
+    Group roles slipway_reader, slipway_operator, slipway_admin; login roles slipway_worker and slipway_gateway.
+    Rerun after `slipway db upgrade`. On SQLite there are no roles: it prints why and exits 2."""
+    from slipway.registry import Registry, roles
+
+    reg = Registry.from_settings()
+    report = roles.ensure_roles(reg.engine)
+    created = ", ".join(report.created) or "none (all existed)"
+    typer.echo(f"registry {reg.url}: privileges granted on schema {report.schema}; roles created: {created}")
+
+
 # --- models -------------------------------------------------------------------------------------------
 
 
@@ -232,7 +246,13 @@ def alias_set(
         ),
     ] = None,
     approval: Annotated[int | None, typer.Option(help="Approval id, for a protected alias.")] = None,
-    role: Annotated[str | None, typer.Option(help="Your role, for a protected alias.")] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLite only: the role label a protected alias asks for. On PostgreSQL it grants nothing: your "
+            "database login's role memberships decide."
+        ),
+    ] = None,
 ) -> None:
     """Point MODEL@ALIAS at VERSION (compare-and-set with --expect)."""
     from slipway.registry import catalog
@@ -251,10 +271,16 @@ def alias_set(
 def alias_protect(
     model: str,
     alias: str,
-    role: Annotated[str | None, typer.Option(help="Role that may move it without an approval.")] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="Role whose members may move it without an approval; on PostgreSQL a database role, created if "
+            "missing (needs CREATEROLE)."
+        ),
+    ] = None,
     off: Annotated[bool, typer.Option("--off", help="Remove the protection.")] = False,
 ) -> None:
-    """Protect MODEL@ALIAS: moving it then needs an approval or ROLE."""
+    """Protect MODEL@ALIAS: moving it then needs an approval or ROLE (PostgreSQL: needs role slipway_admin)."""
     from slipway.registry import catalog
 
     reg = open_registry()
