@@ -107,6 +107,21 @@ _ACCEPTED = frozenset({"metadata"})
 # answers 400 for a bad value, e.g. a malformed JSON schema). Parameters that change the answer's shape (logprobs,
 # n > 1, echo, tools) are honoured by none yet.
 ENGINE_PARAMS: dict[str, frozenset[str]] = {
+    # hf: the sampling parameters are per-request logits processors inside the continuous batch
+    # (serve/engines/_processors.py)
+    "hf": frozenset(
+        {
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "top_k",
+            "min_p",
+            "min_tokens",
+            "ignore_eos",
+            "logit_bias",
+            "response_format",
+        }
+    ),
     "vllm": frozenset(
         {
             "presence_penalty",
@@ -149,7 +164,9 @@ def refuse_unsupported(body: _GenParams, engine: str | None = None) -> dict[str,
             passed[name] = value
             continue
         where = f"the {engine} engine" if engine else "this gateway's engines"
-        hint = " (the vllm engine honours it)" if name in ENGINE_PARAMS["vllm"] and engine != "vllm" else ""
+        others = sorted(e for e, params in ENGINE_PARAMS.items() if name in params and e != engine)
+        verb = "engines honour" if len(others) > 1 else "engine honours"
+        hint = f" (the {' and '.join(others)} {verb} it)" if others else ""
         raise BadRequest(
             f"{name}={value!r} is not supported by {where}{hint}; leave it unset",
             param=name,

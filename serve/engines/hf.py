@@ -11,7 +11,8 @@ is added). What the manager does not do is done here:
 - **deadlines** cancel the request in the engine (504), as does a client that goes away;
 - **per-request sampling**: the manager samples with per-request temperature and top-p processors; greedy
   requests run at a temperature of 1e-7, which makes the softmax one-hot (their output equals ``generate``'s
-  greedy output token for token, tested);
+  greedy output token for token, tested); vLLM's penalties, top-k, min-p, min_tokens, ignore_eos, logit_bias and
+  JSON output (xgrammar) are one more per-request processor ahead of temperature (:mod:`._processors`);
 - **a dead manager** (its loop failed) answers its in-flight requests with 500s, and the next request starts a
   new one (``restarts`` counts them);
 - **shutdown**: the manager's thread is a daemon and :meth:`close` stops it.
@@ -29,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from slipway.serve.engines._processors import Sampling
 from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, StopScanner, TokenizedEngine
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class HFEngine(TokenizedEngine):
         self._streamed: dict[str, bool] = {}  # request id → streamed by its client (counts mixed steps)
         self._closed = False
         self._step_size = 0  # requests in the last engine step
+        vocab = model.config.get_text_config().vocab_size
+        self.sampling = Sampling(tokenizer, vocab_size=vocab, eos=self.eos)  # penalties, top-k, JSON... (_processors)
         self._start()
 
     # ------------------------------------------------------------------ manager lifecycle
@@ -93,6 +97,11 @@ class HFEngine(TokenizedEngine):
             "page_size": self.page_size,
             "per_request_processors": True,
             "allow_block_sharing": self.prefix_caching,
+            # self.sampling's processor reads each request's tokens on the host before every step: no batch may be
+            # prepared before the last one's tokens are known (async batching), nor replayed from a graph (what
+            # transformers turns on with flash attention on a GPU; on CPU both are off anyway)
+            "use_async_batching": False,
+            "use_cuda_graph": False,
         }
         if self.kv_cache_tokens:
             cb["num_blocks"] = math.ceil(self.kv_cache_tokens / self.page_size)
@@ -110,6 +119,7 @@ class HFEngine(TokenizedEngine):
             self.counters.step(len(reqs), len(kinds) > 1, time.perf_counter() - t0)
 
         mgr._generation_step = counted_step
+        self.sampling.install(mgr)
         _start_daemon(mgr)
         self._mgr = mgr
 
@@ -160,6 +170,7 @@ class HFEngine(TokenizedEngine):
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
         ids = self.prompt_ids(req)
         self.check_length(len(ids), req.max_tokens)
+        sampling = await self.sampling.admit(req, ids)  # a bad parameter is a 400 before the request joins the batch
         mgr = self._running()
         rid = f"{req.request_id}-{uuid.uuid4().hex[:8]}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -170,11 +181,14 @@ class HFEngine(TokenizedEngine):
         mgr.register_result_handler(rid, queue.put_nowait)
         done, shared = False, 0
         try:
+            if sampling is not None:
+                self.sampling.table[rid] = sampling
             added = mgr.add_request(
                 ids,
                 request_id=rid,
                 max_new_tokens=req.max_tokens,
                 streaming=req.stream or bool(scanner.stop),  # stop strings are looked for token by token
+                eos_token_id=-1 if sampling is not None and sampling.ignores_eos else None,
                 temperature=req.temperature if sampled else GREEDY_TEMPERATURE,
                 top_p=req.top_p if sampled else 1.0,
             )
@@ -190,7 +204,7 @@ class HFEngine(TokenizedEngine):
                     self.counters.failed += 1
                     raise EngineError(500, f"the engine failed: {out.error or 'unknown error'}")
                 tokens = list(out.generated_tokens)
-                eos = bool(tokens) and tokens[-1] == self.eos
+                eos = bool(tokens) and tokens[-1] == self.eos and not (sampling is not None and sampling.ignores_eos)
                 if eos:
                     tokens = tokens[:-1]
                 finished = out.is_finished()
@@ -206,6 +220,7 @@ class HFEngine(TokenizedEngine):
                     return
         finally:
             self._streamed.pop(rid, None)
+            self.sampling.table.pop(rid, None)
             if not done:  # stopped by a stop string, past its deadline, or its client went away: free its slot
                 with mgr.output_router._lock:
                     mgr.output_router.result_handlers.pop(rid, None)

@@ -40,6 +40,12 @@ class HFStaticEngine(TokenizedEngine):
             self.batch_wait_timeout_s = float(batch_wait_timeout_s)
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        if req.extra:  # the engine-specific parameters are the continuous engine's (serve/engines/_processors.py)
+            raise EngineError(
+                400,
+                f"{req.extra[0][0]} is not supported by the hf engine's static batching (engine.batching: static); "
+                "the continuous batching engine honours it",
+            )
         n_prompt = len(self.prompt_ids(req))
         self.check_length(n_prompt, req.max_tokens)
         self.counters.requests += 1

@@ -80,3 +80,34 @@ def test_a_stop_string_cuts_the_answer_through_the_gateway(stack, tiny_model_dir
     r = c.completions.create(model=TINY, prompt=prompt, max_tokens=24, stop=[stop], temperature=0)
     assert r.choices[0].text == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_sampling_parameters_and_json_output_through_the_gateway(stack) -> None:
+    """The official client's response_format, penalties and vLLM's extras reach the hf engine and are honoured."""
+    import openai
+
+    client = stack.client(stack.key())
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    chat = client.chat.completions.create(
+        model=TINY,
+        messages=[{"role": "user", "content": "is the fox quick?"}],
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+    )
+    assert json.loads(chat.choices[0].message.content)["answer"] in ("yes", "no")
+    assert chat.choices[0].finish_reason == "stop"
+    kw = {"model": TINY, "prompt": "the quick brown fox", "max_tokens": 24, "temperature": 0}
+    plain = client.completions.create(**kw)
+    penalised = client.completions.create(**kw, frequency_penalty=2.0)
+    assert penalised.choices[0].text != plain.choices[0].text  # the untrained model repeats itself
+    eos = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert eos.usage.completion_tokens == 24 and eos.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kw, logit_bias={"999999": 5})
+    assert "logit_bias: token id 999999 is not in this model's vocabulary" in e.value.body["message"]
