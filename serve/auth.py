@@ -1,4 +1,6 @@
-"""Who is calling: an API key from the registry (cached briefly) or a JWT bearer token with model scopes.
+"""Who is calling: an API key from the registry (cached briefly) or a JWT bearer token with model scopes — from an
+OpenID Connect issuer (SSO, :mod:`~slipway.serve.oidc`: discovery, JWKS, ``kid`` rotation) or signed with a
+configured shared secret or public key. A JWT that grants no model is refused (403): deny by default.
 
 A key's lookup is trusted for ``cache_ttl_s``. When the registry cannot be reached, a key looked up before keeps
 its last answer for ``stale_if_error_s`` more (stale-if-error, as HTTP caches do), so a database outage does not
@@ -15,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from slipway.serve.errors import Forbidden, Overloaded, Unauthorized
+from slipway.serve.errors import Forbidden, Overloaded, ServeError, Unauthorized
+from slipway.serve.oidc import OidcConfig, OidcVerifier
 
 log = logging.getLogger(__name__)
 #: Lookups of keys held (good ones) and refused ones: refused ones are a separate, smaller cache so that a flood of
@@ -31,16 +34,17 @@ class RegistryUnavailable(Overloaded):
 
 @dataclass
 class _Entry:
-    result: Principal | Unauthorized
+    result: Principal | ServeError  # a refusal: Unauthorized (401) or Forbidden (403)
     fresh_until: float  # monotonic: looked up again after this
     stale_until: float  # monotonic: served while the registry is unreachable until this
-    expires_at: float | None = None  # wall clock: the key's own expiry, which no cache outlives
+    expires_at: float | None = None  # wall clock: the key's (or token's) own expiry, which no cache outlives
 
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller. ``models`` empty means every model; ``key_id`` and ``key_name`` are None for JWT
-    callers; ``team`` (the key's team, or a JWT's ``team`` claim) is what team budgets count against."""
+    """An authenticated caller. ``models`` empty means every model (a key created without models, or a token whose
+    issuer says so explicitly); ``key_id`` and ``key_name`` are None for JWT callers; ``team`` (the key's team, or
+    a JWT's team claim) is what team budgets count against."""
 
     subject: str
     key_id: int | None = None
@@ -57,7 +61,8 @@ class Principal:
 
 @dataclass(frozen=True)
 class JwtConfig:
-    """HS256 with a shared ``secret`` or RS256 with a PEM ``public_key``; optional audience and issuer."""
+    """HS256 with a shared ``secret`` or RS256 with a PEM ``public_key``; optional audience and issuer. For SSO
+    with an identity provider use :class:`~slipway.serve.oidc.OidcConfig` instead (keys fetched and rotated)."""
 
     algorithm: str = "HS256"
     secret: str | None = None
@@ -77,6 +82,7 @@ class Authenticator:
         database_url: str | None,
         *,
         jwt: JwtConfig | None = None,
+        oidc: OidcConfig | OidcVerifier | None = None,
         cache_ttl_s: float = 5.0,
         stale_if_error_s: float = 900.0,
         retry_s: float = 1.0,
@@ -84,6 +90,7 @@ class Authenticator:
     ) -> None:
         self.database_url = database_url
         self.jwt = jwt
+        self.oidc = OidcVerifier(oidc) if isinstance(oidc, OidcConfig) else oidc
         self.cache_ttl_s, self.stale_if_error_s, self.retry_s = cache_ttl_s, stale_if_error_s, retry_s
         self.connect_timeout_s = connect_timeout_s
         self._keys: dict[str, _Entry] = {}
@@ -94,7 +101,8 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The caller. Raises :class:`Unauthorized` (401) for a missing, unknown, revoked or expired key or a bad
-        token, and :class:`RegistryUnavailable` (503) for a key this replica cannot check now."""
+        token, :class:`Forbidden` (403) for a good token that grants no model, and :class:`RegistryUnavailable` /
+        :class:`~slipway.serve.oidc.IssuerUnavailable` (503) for a key or token this replica cannot check now."""
         if not authorization or not authorization.lower().startswith("bearer "):
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
         token = authorization[7:].strip()
@@ -104,18 +112,28 @@ class Authenticator:
             entry = await self._refresh(token, entry, now)
         result = entry.result
         if isinstance(result, Principal) and entry.expires_at is not None and entry.expires_at <= time.time():
-            result = Unauthorized(f"API key {result.key_name} expired", code="api_key_expired")
-        if isinstance(result, Unauthorized):
+            if result.key_name is None:
+                result = Unauthorized("token expired", code="token_expired")
+            else:
+                result = Unauthorized(f"API key {result.key_name} expired", code="api_key_expired")
+        if isinstance(result, ServeError):
             raise result
         return result
 
     async def _refresh(self, token: str, entry: _Entry | None, now: float) -> _Entry:
         if token.count(".") == 2:  # a JWT: checked here, no registry involved
+            result: Principal | ServeError
+            expires_at: float | None = None
             try:
-                result: Principal | Unauthorized = self._jwt(token)
-            except Unauthorized as e:
+                if self.oidc is not None and not (self.jwt is not None and _alg(token).startswith("HS")):
+                    # off the event loop: an unknown kid fetches the issuer's JWKS
+                    result, expires_at = await asyncio.to_thread(self._oidc_principal, token)
+                else:
+                    result, expires_at = self._jwt(token)
+            except (Unauthorized, Forbidden) as e:  # 503s are not cached: the next request asks again
                 result = e
-            return self._store(token, _Entry(result, now + self.cache_ttl_s, now + self.cache_ttl_s))
+            entry = _Entry(result, now + self.cache_ttl_s, now + self.cache_ttl_s, expires_at)
+            return self._store(token, entry)
         if now < self._down_until:
             return self._stale(entry, now)
         task = self._lookups.get(token)
@@ -194,7 +212,14 @@ class Authenticator:
             code = {"revoked": "api_key_revoked", "expired": "api_key_expired"}.get(e.reason, "invalid_api_key")
             raise Unauthorized(str(e), code=code) from None
 
-    def _jwt(self, token: str) -> Principal:
+    def _oidc_principal(self, token: str) -> tuple[Principal, float]:
+        assert self.oidc is not None
+        claims = self.oidc.verify(token)
+        subject, team, models, tier = self.oidc.grants(claims)
+        principal = Principal(subject=subject, team=team, models=models, rpm=tier.rpm, tpm=tier.tpm)
+        return principal, float(claims["exp"])
+
+    def _jwt(self, token: str) -> tuple[Principal, float]:
         import jwt as pyjwt
 
         cfg = self.jwt
@@ -217,11 +242,26 @@ class Authenticator:
         models = claims.get("models") or claims.get("scope", "")
         if isinstance(models, str):
             models = [m.removeprefix("model:") for m in models.split() if m]
+        if not models:  # an empty scope used to mean every model: deny by default instead
+            raise Forbidden(
+                "this token grants no model: it needs a 'models' claim or a 'model:NAME' scope",
+                code="no_models_granted",
+            )
         team = claims.get("team")
-        return Principal(
+        principal = Principal(
             subject=f"jwt:{claims['sub']}",
             team=str(team) if team else None,
             models=frozenset(models),
             rpm=claims.get("rpm"),
             tpm=claims.get("tpm"),
         )
+        return principal, float(claims["exp"])
+
+
+def _alg(token: str) -> str:
+    import jwt as pyjwt
+
+    try:
+        return str(pyjwt.get_unverified_header(token).get("alg") or "")
+    except pyjwt.PyJWTError:
+        return ""

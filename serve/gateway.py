@@ -33,6 +33,7 @@ from slipway.serve.admission import Admission, Admitter, Budgets, budget_guard
 from slipway.serve.auth import Authenticator, JwtConfig
 from slipway.serve.dispatch import Dispatcher, RoutingTable, await_ref
 from slipway.serve.errors import BadRequest, ServeError
+from slipway.serve.oidc import OidcConfig
 from slipway.serve.ratelimit import make_limiter
 from slipway.serve.recording import Breaker, InFlight, Instruments, Recorder, Ticket
 from slipway.serve.usage_writer import UsageWriter
@@ -54,6 +55,12 @@ class GatewaySettings(BaseModel):
     jwt_public_key: str | None = Field(default=None, description="RS256 PEM public key.")
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    oidc: dict[str, Any] | None = Field(
+        default=None,
+        description="SSO: an OpenID Connect issuer whose JWTs are accepted (OidcConfig fields: issuer, audience, "
+        "algorithms, models_claim, team_claim, tier_claim, tiers, ...); keys from its discovery document and JWKS, "
+        "rotated by kid. A token granting no model gets 403. Default none.",
+    )
     key_cache_ttl_s: float = Field(default=5.0, ge=0.0, description="How long a key lookup is trusted.")
     key_stale_if_error_s: float = Field(
         default=900.0,
@@ -223,7 +230,11 @@ class Gateway:
         if st.jwt_secret or st.jwt_public_key:
             jwt = JwtConfig(st.jwt_algorithm, st.jwt_secret, st.jwt_public_key, st.jwt_audience, st.jwt_issuer)
         self.auth = Authenticator(
-            st.database_url, jwt=jwt, cache_ttl_s=st.key_cache_ttl_s, stale_if_error_s=st.key_stale_if_error_s
+            st.database_url,
+            jwt=jwt,
+            oidc=OidcConfig.model_validate(st.oidc) if st.oidc else None,
+            cache_ttl_s=st.key_cache_ttl_s,
+            stale_if_error_s=st.key_stale_if_error_s,
         )
         self.cache = ResponseCache(st.redis_url) if st.redis_url else None
         self.replica = serve.get_replica_context().replica_id.unique_id
