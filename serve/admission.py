@@ -39,12 +39,28 @@ log = logging.getLogger(__name__)
 
 def payload_text(payload: dict[str, Any]) -> str:
     """A request's prompt, or its messages as JSON: what the prompt's size is estimated from."""
-    return payload.get("prompt") or json.dumps(payload.get("messages"))
+    prompt = payload.get("prompt")
+    return prompt if isinstance(prompt, str) else json.dumps(payload.get("messages"))
 
 
 def prompt_token_bound(text: str) -> int:
     """The most tokens ``text`` can be: its UTF-8 byte count (see the module docstring for why this bound)."""
     return len(text.encode())
+
+
+def payload_bound(payload: dict[str, Any]) -> int:
+    """The most tokens the prompts of ``payload`` can be: each prompt's bound (a token-id prompt is exactly its
+    length), summed over a list of prompts. ``n`` does not multiply it: a prompt is counted once, as OpenAI does."""
+    prompts = payload.get("prompts") or [payload.get("prompt")]
+    return sum(
+        len(x) if isinstance(x, list) else prompt_token_bound(x if isinstance(x, str) else payload_text(payload))
+        for x in prompts
+    )
+
+
+def choices_of(payload: dict[str, Any]) -> int:
+    """How many answers ``payload`` asks for: ``n`` for each of its prompts."""
+    return int(payload.get("n") or 1) * len(payload.get("prompts") or [None])
 
 
 @dataclass(frozen=True)
@@ -168,14 +184,12 @@ class Admitter:
             )
         if body.stream and not cfg.streaming:
             raise BadRequest(f"streaming is disabled for model {model!r}", param="stream")
-        bound = prompt_token_bound(payload_text(prompt))
-        limits = await self._limit(principal, cfg.rate_limits.rpm, cfg.rate_limits.tpm, bound + max_tokens)
-        if cfg.max_queued_requests >= 0 and self.inflight.by_model[model] >= cfg.max_queued_requests:
-            raise Overloaded(f"model {model!r} is overloaded; retry shortly", headers={"retry-after": "1"})
-        sticky = body.user or (principal.subject if self.sticky_by_key else None)
-        route = self.table.choose(model, sticky, self.rng)
-        if route is None:
-            raise Overloaded(f"model {model!r} has no version taking traffic", headers={"retry-after": "1"})
+        choices = choices_of(prompt | {"n": body.n})
+        if choices > p.MAX_CHOICES:
+            raise BadRequest(
+                f"n ({body.n}) times the prompts asks for {choices} choices; at most {p.MAX_CHOICES}", param="n"
+            )
+        bound = payload_bound(prompt)
         payload: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": body.temperature,
@@ -186,8 +200,46 @@ class Admitter:
         }
         if extra:
             payload["extra"] = extra  # engine-specific sampling parameters (protocol.ENGINE_PARAMS)
+        if body.n > 1:
+            payload["n"] = body.n
         payload |= prompt
-        hold = await self.budgets.reserve(principal, model, bound, max_tokens)
+        # every choice may run to max_tokens
+        return await self._place(principal, model, body.user, payload, bound, max_tokens * choices)
+
+    async def admit_embeddings(self, principal: Principal, body: p.EmbeddingRequest) -> Admission:
+        """Admit an embeddings request as :meth:`admit` does a completion: the same checks in the same order, its
+        inputs' bound charged to limits and budgets (an embedding produces no completion tokens)."""
+        model = body.model
+        if model not in self.table.table:
+            body.refuse_unsupported()
+            raise ModelNotFound(f"model {model!r} does not exist or has no live version", param="model")
+        principal.check_model(model)
+        body.refuse_unsupported()
+        inputs = body.inputs()
+        cfg = self.table.configs[model]
+        payload = {"inputs": inputs, "deadline": time.time() + cfg.request_timeout_s}
+        return await self._place(principal, model, body.user, payload, payload_bound({"prompts": inputs}), 0)
+
+    async def _place(
+        self,
+        principal: Principal,
+        model: str,
+        user: str | None,
+        payload: dict[str, Any],
+        bound: int,
+        completion_bound: int,
+    ) -> Admission:
+        """The checks after the request's own: rate limits, the model's queue, a version with weight, then the
+        budget hold."""
+        cfg = self.table.configs[model]
+        limits = await self._limit(principal, cfg.rate_limits.rpm, cfg.rate_limits.tpm, bound + completion_bound)
+        if cfg.max_queued_requests >= 0 and self.inflight.by_model[model] >= cfg.max_queued_requests:
+            raise Overloaded(f"model {model!r} is overloaded; retry shortly", headers={"retry-after": "1"})
+        sticky = user or (principal.subject if self.sticky_by_key else None)
+        route = self.table.choose(model, sticky, self.rng)
+        if route is None:
+            raise Overloaded(f"model {model!r} has no version taking traffic", headers={"retry-after": "1"})
+        hold = await self.budgets.reserve(principal, model, bound, completion_bound)
         return Admission(principal, route, limits, hold, payload, bound)
 
     async def _limit(self, principal: Principal, rpm: int | None, tpm: int | None, tokens: int) -> Limits:

@@ -92,7 +92,7 @@ def check_answer(out: dict[str, Any]) -> dict[str, Any]:
     if status == 504:
         raise UpstreamTimeout(err["message"])
     if status == 400:
-        raise BadRequest(err["message"])
+        raise BadRequest(err["message"], param=err.get("param"))
     if status == 503:
         raise Overloaded(err["message"], headers={"retry-after": "1"})
     raise ServeError(err["message"])
@@ -158,6 +158,21 @@ class Dispatcher:
                 max_linger_s=cfg.coalesce_max_wait_s,
             )
         return c
+
+    async def embed(self, route: Route, payload: dict[str, Any]) -> dict[str, Any]:
+        """The version's embeddings of ``payload["inputs"]`` (never coalesced: one call embeds them all)."""
+        from ray.serve.exceptions import BackPressureError
+
+        timeout_s = route.config.request_timeout_s
+        resp = self.handle(route.app).embed.remote(payload)
+        try:
+            out = await asyncio.wait_for(await_ref(resp), timeout_s)
+        except TimeoutError:
+            resp.cancel()
+            raise UpstreamTimeout(f"no answer within {timeout_s:g}s") from None
+        except BackPressureError:
+            raise Overloaded("the model server's queue is full; retry shortly", headers={"retry-after": "1"}) from None
+        return check_answer(out)
 
     def stream(self, route: Route, payload: dict[str, Any]) -> Any:
         """The version's streaming generator (never coalesced)."""

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slipway.serve import protocol as p
 from slipway.serve import streaming
-from slipway.serve.admission import Admission, Admitter, Budgets, budget_guard
+from slipway.serve.admission import Admission, Admitter, Budgets, budget_guard, choices_of
 from slipway.serve.auth import Authenticator, JwtConfig
 from slipway.serve.dispatch import Dispatcher, RoutingTable, await_ref
 from slipway.serve.errors import BadRequest, ServeError
@@ -112,6 +112,17 @@ def _request_id(request: Request) -> str:
     return _get_serve_request_context().request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
+def _prompt_of(payload: dict[str, Any]) -> Any:
+    """What the prompt log keeps of a request: its prompt, its prompts or its messages."""
+    return payload.get("prompt") or payload.get("prompts") or payload.get("messages")
+
+
+def _texts(out: dict[str, Any]) -> str:
+    """An answer's text for the prompt log: its one text, or each choice's, one after the other."""
+    choices = out.get("choices")
+    return out["text"] if not choices else "\n\n".join(c["text"] for c in choices)
+
+
 def _json_answer(rid: str, model: str, out: dict[str, Any], headers: dict[str, str], chat: bool) -> JSONResponse:
     body = p.chat_body(f"chatcmpl-{rid}", model, out) if chat else p.completion_body(f"cmpl-{rid}", model, out)
     return JSONResponse(body, headers=headers)
@@ -131,11 +142,11 @@ async def _serve_error(request: Request, e: ServeError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    """An unknown path or method, in OpenAI's error shape (``/v1/embeddings`` is not served: 404)."""
+    """An unknown path or method, in OpenAI's error shape (404 or 405)."""
     what = "path" if e.status_code == 404 else "method"
     err = BadRequest(
         f"{request.method} {request.url.path}: unknown {what}; this gateway serves POST /v1/completions, "
-        "POST /v1/chat/completions and GET /v1/models",
+        "POST /v1/chat/completions, POST /v1/embeddings and GET /v1/models",
         code="not_found" if e.status_code == 404 else "method_not_allowed",
     )
     err.status = e.status_code
@@ -405,7 +416,7 @@ class Gateway:
                 return _json_answer(t.rid, route.model, hit, t.headers | {"x-slipway-cache": "hit"}, chat)
         out = await self.dispatch.call(route, payload)
         t.answered(out)
-        self._log_exchange(t, payload.get("prompt") or payload.get("messages"), out["text"])
+        self._log_exchange(t, _prompt_of(payload), _texts(out))
         for shadow in self.table.shadows(route, self.rng):
             self._spawn(self.dispatch.shadow(shadow, payload))
         if cache_key is not None:
@@ -428,8 +439,9 @@ class Gateway:
             chat=chat,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             created=int(time.time()),
+            choices=choices_of(adm.payload),
         )
-        prompt = adm.payload.get("prompt") or adm.payload.get("messages")
+        prompt = _prompt_of(adm.payload)
         events = streaming.sse(s, t, self.recorder, lambda text: self._log_exchange(t, prompt, text))
         t.deferred = True  # from here the stream closes the ticket
         return StreamingResponse(events, media_type="text/event-stream", headers=t.headers)
@@ -460,7 +472,7 @@ class Gateway:
     async def completions(
         self, request: Request, body: p.CompletionRequest, authorization: str | None = Header(default=None)
     ) -> Any:
-        return await self._complete(request, body, authorization, {"prompt": body.prompt_text()}, chat=False)
+        return await self._complete(request, body, authorization, body.prompt_payload(), chat=False)
 
     @app.post("/v1/chat/completions", summary="Answer a conversation (OpenAI Chat Completions API).")
     async def chat_completions(
@@ -468,6 +480,19 @@ class Gateway:
     ) -> Any:
         messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
         return await self._complete(request, body, authorization, {"messages": messages}, chat=True)
+
+    @app.post("/v1/embeddings", summary="Embed texts (OpenAI Embeddings API).")
+    async def embeddings(
+        self, request: Request, body: p.EmbeddingRequest, authorization: str | None = Header(default=None)
+    ) -> JSONResponse:
+        t = Ticket(rid=_request_id(request), t0=time.perf_counter(), model=self.table.label(body.model))
+        async with self.recorder.scope(t):
+            t.principal = await self.auth.authenticate(authorization)
+            adm = await self.admitter.admit_embeddings(t.principal, body)
+            self.recorder.admitted(t, adm.route, adm.headers, adm.hold)
+            out = await self.dispatch.embed(adm.route, adm.payload)
+            t.answered(out)
+            return JSONResponse(p.embeddings_body(adm.route.model, out, body.encoding_format), headers=t.headers)
 
 
 def build(args: dict[str, Any]) -> Any:

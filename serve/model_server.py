@@ -130,9 +130,17 @@ class ModelServer:
     def _prepare(self, req: dict[str, Any]) -> tuple[str, list[Any]] | dict[str, Any]:
         """The rendered prompt and its tokens (tokenized once: the engine reuses them), or a 413."""
         prompt = req.get("prompt")
-        if prompt is None:
-            prompt = self.engine.render_chat(req["messages"])
-        ids = self.engine.encode(prompt)
+        if isinstance(prompt, list):  # token ids
+            ids = list(prompt)
+            try:
+                self.engine.check_ids(ids)
+            except EngineError as e:
+                return _error(e.status, str(e), e.param)
+            prompt = self.engine.decode(ids)
+        else:
+            if prompt is None:
+                prompt = self.engine.render_chat(req["messages"])
+            ids = self.engine.encode(prompt)
         if len(ids) > self.cfg.max_prompt_tokens:
             n, most = len(ids), self.cfg.max_prompt_tokens
             return _error(413, f"prompt has {n} tokens; {self.model} accepts at most {most}")
@@ -152,8 +160,17 @@ class ModelServer:
         return None
 
     async def generate(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Complete one request (in the engine's running batch). Errors come back as ``{"error": {status,
-        message}}``."""
+        """Complete one request (in the engine's running batch): one answer, or ``choices`` when it asks for
+        ``n`` > 1 or a list of ``prompts`` (each choice its own engine request, all in the running batch). Errors
+        come back as ``{"error": {status, message}}``."""
+        subs = fan_out(req)
+        if subs is None:
+            return await self._generate_one(req)
+        outs = await asyncio.gather(*(self._generate_one(sub) for sub in subs))
+        failed = next((o for o in outs if "error" in o), None)
+        return failed if failed is not None else merge_choices(outs, int(req.get("n") or 1))
+
+    async def _generate_one(self, req: dict[str, Any]) -> dict[str, Any]:
         fault = await self._fault()
         if fault is not None:
             return fault
@@ -183,7 +200,7 @@ class ModelServer:
             else:
                 return _error(500, "the engine ended the request without an answer")
         except EngineError as e:
-            return _error(e.status, str(e))
+            return _error(e.status, str(e), e.param)
         except Exception as e:
             log.exception("generation failed")
             return _error(500, f"generation failed: {type(e).__name__}")
@@ -192,6 +209,27 @@ class ModelServer:
         if started and random.random() < f.wrong_answer_rate:  # chaos: a fluent-looking wrong answer, status 200
             out = {**out, "text": out["text"][::-1]}
         return {**out, "version": self.version}
+
+    async def embed(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Embeddings of ``req["inputs"]`` (texts or token lists): ``{embeddings, prompt_tokens, version}``, or an
+        error answer (the engine's 400 when it does not embed, 413 for an input past ``max_prompt_tokens``)."""
+        fault = await self._fault()
+        if fault is not None:
+            return fault
+        ids_list = []
+        for item in req["inputs"]:
+            prepared = self._prepare({"prompt": item})
+            if isinstance(prepared, dict):
+                return prepared
+            ids_list.append(prepared[1])
+        try:
+            vectors = await self.engine.embed(ids_list, deadline=req.get("deadline"))
+        except EngineError as e:
+            return _error(e.status, str(e), e.param)
+        except Exception as e:
+            log.exception("embedding failed")
+            return _error(500, f"embedding failed: {type(e).__name__}")
+        return {"embeddings": vectors, "prompt_tokens": sum(len(i) for i in ids_list), "version": self.version}
 
     async def generate_many(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Complete several requests sent as one call (the gateway coalesces concurrent requests)."""
@@ -202,7 +240,48 @@ class ModelServer:
         ]
 
     async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yield ``{"delta": text}`` as the engine generates, then one ``{"done": ..., usage}`` item."""
+        """Yield ``{"delta": text}`` as the engine generates, then one ``{"done": ..., usage}`` item. A request for
+        several choices (``n``, ``prompts``) yields its choices' items as they come, each with its ``index``, a
+        ``{"index", "finish_reason"}`` item as each choice ends, and one ``done`` item with the usage of all."""
+        subs = fan_out(req)
+        if subs is None:
+            async for item in self._stream_one(req):
+                yield item
+            return
+        async for item in self._stream_many(subs, int(req.get("n") or 1)):
+            yield item
+
+    async def _stream_many(self, subs: list[dict[str, Any]], n: int) -> AsyncIterator[dict[str, Any]]:
+        queue: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
+
+        async def pump(index: int, sub: dict[str, Any]) -> None:
+            gen = self._stream_one(sub)
+            try:
+                async for item in gen:
+                    await queue.put((index, item))
+            finally:
+                await gen.aclose()
+
+        tasks = [asyncio.create_task(pump(i, sub)) for i, sub in enumerate(subs)]
+        finals: dict[int, dict[str, Any]] = {}
+        try:
+            while len(finals) < len(subs):
+                index, item = await queue.get()
+                if "error" in item:
+                    yield item
+                    return
+                if "done" in item:
+                    finals[index] = item
+                    yield {"index": index, "finish_reason": item["finish_reason"]}
+                    continue
+                yield {**item, "index": index}
+            yield {"done": True, **merge_choices([finals[i] for i in range(len(subs))], n)}
+        finally:
+            for task in tasks:  # a client gone, or one choice failed: cancel the others in the engine
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream_one(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         fault = await self._fault()
         if fault is not None:
             yield fault
@@ -237,7 +316,7 @@ class ModelServer:
                 }
                 return
         except EngineError as e:
-            yield _error(e.status, str(e))
+            yield _error(e.status, str(e), e.param)
         except Exception as e:
             log.exception("streaming generation failed")
             yield _error(500, f"generation failed: {type(e).__name__}")
@@ -245,8 +324,46 @@ class ModelServer:
             await gen.aclose()  # a client gone mid-stream cancels the request in the engine
 
 
-def _error(status: int, message: str) -> dict[str, Any]:
-    return {"error": {"status": status, "message": message}}
+def fan_out(req: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """One request per choice (``n`` for each prompt of ``prompts``, prompt-major as OpenAI numbers them), or
+    None for a request of one choice. Choice ``i`` of a seeded request samples with ``seed + i``: reproducible,
+    and its choices differ."""
+    n, prompts = int(req.get("n") or 1), req.get("prompts")
+    if n == 1 and prompts is None:
+        return None
+    base = {k: v for k, v in req.items() if k not in ("n", "prompts")}
+    rid, seed = req.get("request_id") or uuid.uuid4().hex, req.get("seed")
+    subs = []
+    for j, prompt in enumerate(prompts if prompts is not None else [None]):
+        for i in range(n):
+            sub = dict(base, request_id=f"{rid}-{j}-{i}", seed=None if seed is None else int(seed) + i)
+            if prompt is not None:
+                sub["prompt"] = prompt
+            subs.append(sub)
+    return subs
+
+
+def merge_choices(outs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """The answer of a request of several choices, from each choice's answer (in :func:`fan_out`'s order): the
+    choices, and usage as OpenAI counts it — each prompt's tokens once, every choice's completion tokens."""
+    first = outs[0]
+    return {
+        "choices": [
+            {"index": i, "text": o.get("text", ""), "finish_reason": o["finish_reason"]}
+            | ({"logprobs": o["logprobs"]} if o.get("logprobs") is not None else {})
+            for i, o in enumerate(outs)
+        ],
+        "text": first.get("text", ""),
+        "finish_reason": first["finish_reason"],
+        "prompt_tokens": sum(o["prompt_tokens"] for o in outs[::n]),
+        "completion_tokens": sum(o["completion_tokens"] for o in outs),
+        "batch_size": max((o.get("batch_size") or 0 for o in outs), default=0) or None,
+        "version": first["version"],
+    }
+
+
+def _error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message} | ({"param": param} if param else {})}
 
 
 def build(args: dict[str, Any]) -> Any:

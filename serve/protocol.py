@@ -42,17 +42,41 @@ class _GenParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)[:4]
 
 
+#: Most choices one request may ask for: ``n`` times the prompts of a list (each is a request in the engine's batch).
+MAX_CHOICES = 128
+
+
 class CompletionRequest(_GenParams):
-    prompt: str | list[str] = Field(description="One prompt (a list must hold exactly one string).")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A prompt, its token ids, or a list of either (one choice per prompt and ``n``)."
+    )
+    echo: bool = Field(default=False, description="Put the prompt before each choice's text (and its logprobs).")
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
 
-    def prompt_text(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                from slipway.serve.errors import BadRequest
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts asked for: one string or token list, or each of a list of them."""
+        from slipway.serve.errors import BadRequest
 
-                raise BadRequest("prompt as a list must contain exactly one string", param="prompt")
-            return self.prompt[0]
-        return self.prompt
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise BadRequest("prompt must not be an empty list", param="prompt")
+        if all(isinstance(x, int) for x in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        out = [x for x in prompt if isinstance(x, str | list)]
+        if any(isinstance(x, list) and not x for x in out):
+            raise BadRequest("a prompt of token ids must not be empty", param="prompt")
+        return out  # type: ignore[return-value]
+
+    def prompt_payload(self) -> dict[str, Any]:
+        """What the model server gets for the prompt: ``prompt`` (one) or ``prompts`` (a list of them), with
+        ``echo`` when asked for."""
+        prompts = self.prompts()
+        out: dict[str, Any] = {"prompt": prompts[0]} if len(prompts) == 1 else {"prompts": prompts}
+        if self.echo:
+            out["echo"] = True
+        return out
 
 
 class ChatMessage(BaseModel):
@@ -67,6 +91,67 @@ class ChatCompletionRequest(_GenParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=512)
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request. Unknown arguments are kept so that they are refused by name, not dropped."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=300)
+    input: str | list[int] | list[str] | list[list[int]] = Field(
+        description="A text, its token ids, or a list of either (one embedding each, in order)."
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = Field(default=None, max_length=256)
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs to embed, each a text or a token list; 400 when there is none or too many."""
+        from slipway.serve.errors import BadRequest
+
+        try:
+            items = CompletionRequest.model_construct(prompt=self.input).prompts()
+        except BadRequest:
+            items = []
+        if not items or any(x == "" for x in items):
+            raise BadRequest("input must be a non-empty text, token list, or list of them", param="input")
+        if len(items) > MAX_CHOICES:
+            raise BadRequest(f"input holds {len(items)} items; at most {MAX_CHOICES} a request", param="input")
+        return items
+
+    def refuse_unsupported(self) -> None:
+        """400 naming the first argument that would change the answer and is not honoured."""
+        from slipway.serve.errors import BadRequest
+
+        if self.dimensions is not None:
+            raise BadRequest(
+                "dimensions is not supported: these models' embeddings have one size; leave it unset",
+                param="dimensions",
+                code="unsupported_parameter",
+            )
+        for name in self.model_extra or {}:
+            raise BadRequest(
+                f"unrecognized request argument supplied: {name}", param=name, code="unrecognized_parameter"
+            )
+
+
+def embeddings_body(model: str, out: dict[str, Any], encoding_format: str) -> dict[str, Any]:
+    """The embeddings answer: one ``embedding`` object per input, floats or base64 of little-endian float32s."""
+    import base64
+    import struct
+
+    def encode(vector: list[float]) -> Any:
+        if encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(out["embeddings"])],
+        "model": model,
+        "usage": {"prompt_tokens": out["prompt_tokens"], "total_tokens": out["prompt_tokens"]},
+    }
+
+
 def _off(*defaults: Any) -> Any:
     return lambda value: value is None or value in defaults
 
@@ -76,8 +161,7 @@ def _off(*defaults: Any) -> Any:
 _UNSUPPORTED: dict[str, Any] = {
     "logprobs": _off(False, 0),
     "top_logprobs": _off(0),
-    "echo": _off(False),
-    "best_of": _off(1),
+    "echo": _off(False),  # completions declare it; chat has no echo
     "suffix": _off(""),
     "presence_penalty": _off(0, 0.0),
     "frequency_penalty": _off(0, 0.0),
@@ -104,13 +188,15 @@ _UNSUPPORTED: dict[str, Any] = {
 # Accepted without effect on the answer: request metadata.
 _ACCEPTED = frozenset({"metadata"})
 # What each engine honours beyond the declared fields: these are passed to it as given (vLLM validates them and
-# answers 400 for a bad value, e.g. a malformed JSON schema). Parameters that change the answer's shape (logprobs,
-# n > 1, echo, tools) are honoured by none yet.
+# answers 400 for a bad value, e.g. a malformed JSON schema). ``n``, prompt lists and ``echo`` are every engine's
+# (the model server runs one engine request per choice); tools are honoured by none yet.
 ENGINE_PARAMS: dict[str, frozenset[str]] = {
-    # hf: the sampling parameters are per-request logits processors inside the continuous batch
-    # (serve/engines/_processors.py)
+    # hf: logprobs are the model's own, scored beside the batch (serve/engines/_scoring.py); the sampling parameters
+    # are per-request logits processors inside the continuous batch (serve/engines/_processors.py)
     "hf": frozenset(
         {
+            "logprobs",
+            "top_logprobs",
             "presence_penalty",
             "frequency_penalty",
             "repetition_penalty",
@@ -142,13 +228,18 @@ ENGINE_PARAMS: dict[str, frozenset[str]] = {
 
 def refuse_unsupported(body: _GenParams, engine: str | None = None) -> dict[str, Any]:
     """The parameters ``engine`` honours beyond the declared ones (to pass to it), after raising 400 (OpenAI's
-    error shape, ``param`` naming it) for the first parameter it would not honour: ``n`` > 1, a known OpenAI
-    parameter set to a value that changes the answer, or an argument OpenAI does not know either
+    error shape, ``param`` naming it) for the first parameter it would not honour: ``best_of`` beyond ``n``, a
+    known OpenAI parameter set to a value that changes the answer, or an argument OpenAI does not know either
     (``unrecognized_parameter``, as OpenAI answers)."""
     from slipway.serve.errors import BadRequest
 
-    if body.n != 1:
-        raise BadRequest("n > 1 is not supported: ask once per completion", param="n", code="unsupported_parameter")
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None and best_of != body.n:
+        raise BadRequest(
+            f"best_of={best_of} (more candidates than the n={body.n} returned) is not supported; ask for n choices",
+            param="best_of",
+            code="unsupported_parameter",
+        )
     honoured = ENGINE_PARAMS.get(engine or "", frozenset())
     passed: dict[str, Any] = {}
     for name, value in (body.model_extra or {}).items():
@@ -187,6 +278,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _choices(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """The answer's choices: ``out["choices"]`` (several), or ``out`` itself as choice 0."""
+    return out.get("choices") or [{"index": 0, **out}]
+
+
 def completion_body(rid: str, model: str, out: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": rid,
@@ -194,7 +290,8 @@ def completion_body(rid: str, model: str, out: dict[str, Any]) -> dict[str, Any]
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "text": out["text"], "logprobs": out.get("logprobs"), "finish_reason": out["finish_reason"]}
+            {"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+            for c in _choices(out)
         ],
         "usage": usage(out["prompt_tokens"], out["completion_tokens"]),
         "system_fingerprint": f"v{out['version']}",
@@ -209,11 +306,12 @@ def chat_body(rid: str, model: str, out: dict[str, Any]) -> dict[str, Any]:
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": out["text"]},
-                "logprobs": chat_logprobs(out.get("logprobs")),
-                "finish_reason": out["finish_reason"],
+                "index": c["index"],
+                "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": chat_logprobs(c.get("logprobs")),
+                "finish_reason": c["finish_reason"],
             }
+            for c in _choices(out)
         ],
         "usage": usage(out["prompt_tokens"], out["completion_tokens"]),
         "system_fingerprint": f"v{out['version']}",
@@ -221,14 +319,20 @@ def chat_body(rid: str, model: str, out: dict[str, Any]) -> dict[str, Any]:
 
 
 def completion_chunk(
-    rid: str, model: str, text: str, finish: str | None, created: int, logprobs: dict[str, Any] | None = None
+    rid: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    created: int,
+    logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 
@@ -239,13 +343,14 @@ def chat_chunk(
     finish: str | None,
     created: int,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}],
+        "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}],
     }
 
 

@@ -38,19 +38,22 @@ class Stream:
     chat: bool
     include_usage: bool
     created: int
+    choices: int = 1  # n times the prompts: items of a stream of several carry their choice's ``index``
 
     @property
     def cid(self) -> str:
         return f"chatcmpl-{self.rid}" if self.chat else f"cmpl-{self.rid}"
 
-    def chunk(self, text: str | None, finish: str | None, role: bool = False, logprobs: Any = None) -> str:
+    def chunk(
+        self, text: str | None, finish: str | None, role: bool = False, logprobs: Any = None, index: int = 0
+    ) -> str:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            data = p.chat_chunk(self.cid, self.model, delta, finish, self.created, logprobs)
+            data = p.chat_chunk(self.cid, self.model, delta, finish, self.created, logprobs, index)
         else:
-            data = p.completion_chunk(self.cid, self.model, text or "", finish, self.created, logprobs)
+            data = p.completion_chunk(self.cid, self.model, text or "", finish, self.created, logprobs, index)
         if self.include_usage:
             data["usage"] = None
         return _event(data)
@@ -90,24 +93,31 @@ async def first_item(gen: Any, deadline: float, timeout_s: float) -> dict[str, A
 async def sse(s: Stream, t: Ticket, recorder: Recorder, on_answer: Callable[[str], None]) -> AsyncIterator[str]:
     """The events of ``s``, ending with ``data: [DONE]``; ``on_answer`` gets the whole text of a complete stream.
     Closes ``t`` when it ends, however it ends."""
-    status, final, streamed, pieces = 200, None, 0, []
+    status, final, streamed = 200, None, 0
+    pieces: list[list[str]] = [[] for _ in range(s.choices)]
     try:
         if s.chat:
-            yield s.chunk(None, None, role=True)
+            for index in range(s.choices):
+                yield s.chunk(None, None, role=True, index=index)
         item = s.first
         while True:
             if "done" in item:
                 final = item
                 break
-            yield s.chunk(item["delta"], None, logprobs=item.get("logprobs"))
-            streamed += 1
-            pieces.append(item["delta"])
+            index = item.get("index", 0)
+            if "finish_reason" in item:  # one choice of several has ended
+                yield s.chunk(None if s.chat else "", item["finish_reason"], index=index)
+            else:
+                yield s.chunk(item["delta"], None, logprobs=item.get("logprobs"), index=index)
+                streamed += 1
+                pieces[index].append(item["delta"])
             item = await s.next()
-        yield s.chunk(None if s.chat else "", final["finish_reason"])
+        if s.choices == 1:
+            yield s.chunk(None if s.chat else "", final["finish_reason"])
         if s.include_usage:
             yield s.usage_chunk(final)
         yield "data: [DONE]\n\n"
-        on_answer("".join(pieces))
+        on_answer("\n\n".join("".join(piece) for piece in pieces))
     except (TimeoutError, StopAsyncIteration):
         status = 504
         yield _event(UpstreamTimeout("stream ended early or timed out").body())

@@ -71,4 +71,6 @@ def engine_request(
         deadline=req.get("deadline"),
         stream=stream,
         extra=tuple(sorted((req.get("extra") or {}).items())),
+        echo=bool(req.get("echo")),
+        prompt_is_tokens=isinstance(req.get("prompt"), list),
     )

@@ -76,18 +76,18 @@ class SamplingParams:
 
 def _number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise EngineError(400, f"{name} must be a number, not {value!r}")
+        raise EngineError(400, f"{name} must be a number, not {value!r}", param=name)
     if value > hi or value < lo or (lo_open and value == lo):
         bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise EngineError(400, f"{name}={value!r} is out of range {bound}")
+        raise EngineError(400, f"{name}={value!r} is out of range {bound}", param=name)
     return float(value)
 
 
 def _integer(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise EngineError(400, f"{name} must be an integer, not {value!r}")
+        raise EngineError(400, f"{name} must be an integer, not {value!r}", param=name)
     if not lo <= value <= hi:
-        raise EngineError(400, f"{name}={value!r} is out of range [{lo}, {hi}]")
+        raise EngineError(400, f"{name}={value!r} is out of range [{lo}, {hi}]", param=name)
     return value
 
 
@@ -113,7 +113,7 @@ def parse(extra: Mapping[str, Any], *, vocab_size: int, max_tokens: int) -> Samp
         kw["min_tokens"] = _integer("min_tokens", extra["min_tokens"], 0, max_tokens)
     if extra.get("ignore_eos") is not None:
         if not isinstance(extra["ignore_eos"], bool):
-            raise EngineError(400, f"ignore_eos must be true or false, not {extra['ignore_eos']!r}")
+            raise EngineError(400, f"ignore_eos must be true or false, not {extra['ignore_eos']!r}", param="ignore_eos")
         kw["ignore_eos"] = extra["ignore_eos"]
     if extra.get("logit_bias"):
         kw["logit_bias"] = _logit_bias(extra["logit_bias"], vocab_size)
@@ -125,15 +125,19 @@ def parse(extra: Mapping[str, Any], *, vocab_size: int, max_tokens: int) -> Samp
 
 def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
     if not isinstance(value, Mapping):
-        raise EngineError(400, f"logit_bias must map token ids to biases, not {value!r}")
+        raise EngineError(400, f"logit_bias must map token ids to biases, not {value!r}", param="logit_bias")
     out = []
     for key, bias in value.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise EngineError(400, f"logit_bias: {key!r} is not a token id") from None
+            raise EngineError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias") from None
         if not 0 <= token < vocab_size:
-            raise EngineError(400, f"logit_bias: token id {token} is not in this model's vocabulary [0, {vocab_size})")
+            raise EngineError(
+                400,
+                f"logit_bias: token id {token} is not in this model's vocabulary [0, {vocab_size})",
+                param="logit_bias",
+            )
         out.append((token, _number(f"logit_bias[{key!r}]", bias, -100.0, 100.0)))
     return tuple(sorted(out))
 
@@ -148,9 +152,17 @@ def _grammar_spec(value: Any) -> tuple[str, str] | None:
         spec = value.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, Mapping):
-            raise EngineError(400, "response_format: json_schema needs a JSON schema object under json_schema.schema")
+            raise EngineError(
+                400,
+                "response_format: json_schema needs a JSON schema object under json_schema.schema",
+                param="response_format",
+            )
         return ("json_schema", json.dumps(schema, sort_keys=True))
-    raise EngineError(400, f"response_format: type must be 'text', 'json_object' or 'json_schema', not {kind!r}")
+    raise EngineError(
+        400,
+        f"response_format: type must be 'text', 'json_object' or 'json_schema', not {kind!r}",
+        param="response_format",
+    )
 
 
 class Grammars:
@@ -177,7 +189,11 @@ class Grammars:
             return self._compiler.compile_json_schema(schema, any_whitespace=False)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError / InvalidJSONError for a bad schema
             why = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
-            raise EngineError(400, f"response_format: the JSON schema cannot be used: {why or type(e).__name__}") from e
+            raise EngineError(
+                400,
+                f"response_format: the JSON schema cannot be used: {why or type(e).__name__}",
+                param="response_format",
+            ) from e
 
 
 class RequestSampling:

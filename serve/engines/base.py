@@ -16,12 +16,12 @@ from typing import Any
 
 
 class EngineError(Exception):
-    """A request the engine cannot answer; ``status`` is what the gateway answers (413 too long, 504 past its
-    deadline, 500 the engine failed)."""
+    """A request the engine cannot answer; ``status`` is what the gateway answers (400 a bad parameter, named by
+    ``param``; 413 too long, 504 past its deadline, 500 the engine failed)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.param = status, param
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class EngineRequest:
     stream: bool = False
     prompt_ids: tuple[int, ...] | None = None  # the prompt's tokens, when the caller has them (counted once)
     extra: tuple[tuple[str, Any], ...] = ()  # engine-specific parameters the gateway let through (vllm)
+    echo: bool = False  # the prompt comes first, as a Delta of 0 completion tokens (with its logprobs if asked)
+    prompt_is_tokens: bool = False  # the client sent token ids (``prompt_ids``); ``prompt`` is their decoding
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()
@@ -125,6 +127,13 @@ class Engine:
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
+    def decode(self, ids: list[Any]) -> str:
+        """The text of a prompt given as token ids."""
+        return " ".join(str(i) for i in ids)
+
+    def check_ids(self, ids: list[Any]) -> None:
+        """400 for a prompt token id the engine does not know (any id goes where tokens are words)."""
+
     def prompt_ids(self, req: EngineRequest) -> list[Any]:
         return list(req.prompt_ids) if req.prompt_ids is not None else self.encode(req.prompt)
 
@@ -145,6 +154,10 @@ class Engine:
     def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
         """Deltas, then one Finish. Closing the iterator early cancels the request in the engine."""
         raise NotImplementedError
+
+    async def embed(self, inputs: list[list[Any]], *, deadline: float | None = None) -> list[list[float]]:
+        """One embedding per tokenized input; engines that have none answer 400."""
+        raise EngineError(400, f"the {self.name} engine does not serve embeddings (the hf engine does)")
 
     def stats(self) -> dict[str, Any]:
         return {"engine": self.name, **self.counters.as_dict()}
@@ -172,6 +185,18 @@ class TokenizedEngine(Engine):
 
     def encode(self, text: str) -> list[Any]:
         return self.tok(text)["input_ids"]
+
+    def decode(self, ids: list[Any]) -> str:
+        return self.tok.decode(ids)
+
+    def check_ids(self, ids: list[Any]) -> None:
+        """400 for a token id the vocabulary does not have."""
+        size = len(self.tok)
+        bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < size), None)
+        if bad is not None:
+            raise EngineError(
+                400, f"prompt token id {bad} is outside this model's vocabulary (0..{size - 1})", param="prompt"
+            )
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         if getattr(self.tok, "chat_template", None):

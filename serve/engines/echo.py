@@ -28,6 +28,8 @@ class EchoEngine(Engine):
         self._active += 1
         shared = self._active
         try:
+            if req.echo:
+                yield Delta(req.prompt, 0)
             async for item in self._words(req, words, scanner):
                 shared = max(shared, self._active)
                 if isinstance(item, Finish):

@@ -31,12 +31,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from slipway.serve.engines._processors import Sampling
+from slipway.serve.engines._scoring import Scorer, ScoreState, embed
 from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, StopScanner, TokenizedEngine
 
 log = logging.getLogger(__name__)
 
 GREEDY_TEMPERATURE = 1e-7  # logits / 1e-7: the softmax is one-hot, so sampling picks the argmax
 _POLL_S = 0.5  # how often a waiting request checks that the manager is alive
+MAX_LOGPROBS = 20  # alternatives per token at most (vLLM's default max_logprobs)
 
 
 class HFEngine(TokenizedEngine):
@@ -72,6 +74,8 @@ class HFEngine(TokenizedEngine):
         self._streamed: dict[str, bool] = {}  # request id → streamed by its client (counts mixed steps)
         self._closed = False
         self._step_size = 0  # requests in the last engine step
+        self._scorer: Scorer | None = None  # logprobs, for the requests that ask (see _scoring)
+        self._model_lock = threading.Lock()
         vocab = model.config.get_text_config().vocab_size
         self.sampling = Sampling(tokenizer, vocab_size=vocab, eos=self.eos)  # penalties, top-k, JSON... (_processors)
         self._start()
@@ -114,7 +118,8 @@ class HFEngine(TokenizedEngine):
             reqs = mgr.batch_processor.inputs_and_outputs.requests_in_batch
             kinds = {self._streamed.get(r.state.request_id, False) for r in reqs}
             t0 = time.perf_counter()
-            inner_step()
+            with self._model_lock:  # the scorer's forward passes take turns with the batch's (see _scoring)
+                inner_step()
             self._step_size = len(reqs)
             self.counters.step(len(reqs), len(kinds) > 1, time.perf_counter() - t0)
 
@@ -171,6 +176,7 @@ class HFEngine(TokenizedEngine):
         ids = self.prompt_ids(req)
         self.check_length(len(ids), req.max_tokens)
         sampling = await self.sampling.admit(req, ids)  # a bad parameter is a 400 before the request joins the batch
+        score = self._score_state(req, len(ids))
         mgr = self._running()
         rid = f"{req.request_id}-{uuid.uuid4().hex[:8]}"
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -181,6 +187,8 @@ class HFEngine(TokenizedEngine):
         mgr.register_result_handler(rid, queue.put_nowait)
         done, shared = False, 0
         try:
+            if req.echo:
+                yield Delta(req.prompt, 0, await self._logprobs(score, ids, None))
             if sampling is not None:
                 self.sampling.table[rid] = sampling
             added = mgr.add_request(
@@ -210,8 +218,11 @@ class HFEngine(TokenizedEngine):
                 finished = out.is_finished()
                 text = self.tok.decode(tokens, skip_special_tokens=True)
                 new, stopped = scanner.feed(text, final=finished)
-                if new:
-                    yield Delta(new, len(tokens))
+                lp = None
+                if score is not None:
+                    lp = await self._logprobs(score, ids + tokens, self._covered(tokens, scanner, stopped or finished))
+                if new or lp:
+                    yield Delta(new, len(tokens), lp)
                 if stopped or finished:
                     done = finished
                     self.counters.finished += 1
@@ -226,6 +237,54 @@ class HFEngine(TokenizedEngine):
                     mgr.output_router.result_handlers.pop(rid, None)
                 mgr.cancel_request(rid)
                 self.counters.cancelled += 1
+
+    def _score_state(self, req: EngineRequest, n_prompt: int) -> ScoreState | None:
+        """Scoring of a request that asks for logprobs (``logprobs``: k for completions; ``logprobs: true`` with
+        ``top_logprobs``: k for chat), or None. 400 beyond :data:`MAX_LOGPROBS` alternatives."""
+        extra = dict(req.extra)
+        if "top_logprobs" in extra or extra.get("logprobs") is True:
+            top = int(extra.get("top_logprobs") or 0)
+        elif extra.get("logprobs") not in (None, False):
+            top = int(extra["logprobs"])
+        else:
+            return None
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise EngineError(
+                400, f"logprobs: at most {MAX_LOGPROBS} alternatives per token, not {top}", param="logprobs"
+            )
+        if self._scorer is None:
+            self._scorer = Scorer(self.model, self.tok, self._model_lock)
+        return ScoreState(first=0 if req.echo else n_prompt, top=top)
+
+    async def _logprobs(self, score: ScoreState | None, ids: list[int], upto: int | None) -> dict[str, Any] | None:
+        """The logprobs of the tokens of ``ids`` not reported yet, ``upto`` that many (all when None), computed
+        off the event loop."""
+        if score is None:
+            return None
+        await asyncio.to_thread(self._scorer.feed, score, ids)
+        if upto is not None:
+            upto -= score.reported
+            score.reported += max(upto, 0)
+        return self._scorer.take(score, upto)
+
+    def _covered(self, tokens: list[int], scanner: StopScanner, ended: bool) -> int:
+        """How many generated tokens the text released so far covers: all of them without stop strings; with
+        them, those wholly released (and at the end, the one a stop string cut into)."""
+        if not scanner.stop:
+            return len(tokens)
+        for k in range(len(tokens) + 1):
+            size = len(self.tok.decode(tokens[:k], skip_special_tokens=True))
+            if size >= scanner.sent:
+                return k if (ended or size == scanner.sent) else k - 1
+        return len(tokens)
+
+    async def embed(self, inputs: list[list[Any]], *, deadline: float | None = None) -> list[list[float]]:
+        """Last-token embeddings, normalised (see :func:`._scoring.embed`), computed between the batch's steps."""
+        left = None if deadline is None else deadline - time.time()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(embed, self.model, inputs, self._model_lock), left)
+        except TimeoutError:
+            raise EngineError(504, "the embeddings ran past the request's deadline") from None
 
     async def _next(self, queue: asyncio.Queue[Any], mgr: Any, req: EngineRequest) -> Any:
         """The request's next output; 504 past its deadline, 500 when the manager died without answering it."""

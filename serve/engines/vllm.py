@@ -191,7 +191,7 @@ class VLLMEngine(TokenizedEngine):
             raise EngineError(500, "the vLLM server is down; a new one is starting")
         body: dict[str, Any] = {
             "model": self.cfg.model,
-            "prompt": req.prompt,
+            "prompt": list(req.prompt_ids) if req.prompt_is_tokens and req.prompt_ids else req.prompt,
             "max_tokens": req.max_tokens,
             "temperature": req.temperature,
             "top_p": req.top_p,
@@ -202,6 +202,8 @@ class VLLMEngine(TokenizedEngine):
             body["stop"] = list(req.stop)
         if req.seed is not None:
             body["seed"] = req.seed
+        if req.echo:
+            body["echo"] = True  # vLLM sends the prompt first (and its logprobs, when asked for)
         extra = dict(req.extra)  # penalties, top_k, min_p, min_tokens, ignore_eos, response_format, logprobs
         top_n = None
         if "top_logprobs" in extra or extra.get("logprobs") is True:  # the chat shape: logprobs=true, top_logprobs=k
@@ -231,7 +233,7 @@ class VLLMEngine(TokenizedEngine):
                     text = (await r.aread()).decode(errors="replace")
                     self.counters.failed += 1
                     status = r.status_code if r.status_code in (400, 413) else 500
-                    raise EngineError(status, f"vLLM answered {r.status_code}: {_message(text)}")
+                    raise EngineError(status, f"vLLM answered {r.status_code}: {_message(text)}", _param(text))
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -277,6 +279,14 @@ def _die_with_parent() -> None:
 
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _param(text: str) -> str | None:
+    """The parameter vLLM's error answer names, if any."""
+    try:
+        return json.loads(text).get("error", {}).get("param") or None
+    except (ValueError, AttributeError):
+        return None
 
 
 def _message(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 
@@ -50,9 +51,9 @@ class Rig:
             rng=random.Random(0),
         )
 
-    def admit(self, principal: Principal = CALLER, prompt: str = "hello", **body) -> Admission:
+    def admit(self, principal: Principal = CALLER, prompt: Any = "hello", **body) -> Admission:
         req = p.CompletionRequest.model_validate({"model": "demo", "prompt": prompt, **body})
-        return asyncio.run(self.admitter.admit(principal, req, {"prompt": req.prompt_text()}))
+        return asyncio.run(self.admitter.admit(principal, req, req.prompt_payload()))
 
     def held(self) -> float:
         return sum(s.reserved for s in self.guard.status())
@@ -93,6 +94,27 @@ def test_rate_limit_and_budget_charge_the_same_prompt_bound():
     adm = rig.admit(prompt="日本語", max_tokens=16)
     assert adm.limits.decision.remaining_tokens == 1000 - (9 + 16)
     assert rig.held() == pytest.approx((9 + 16) * 1.0)  # $1 a token
+
+
+def test_several_choices_hold_every_choice_s_completion_and_each_prompt_once():
+    rig = Rig(rate_limits={"tpm": 1000})
+    adm = rig.admit(prompt=["ab", "日本語"], n=3, max_tokens=10)
+    assert adm.payload["prompts"] == ["ab", "日本語"] and adm.payload["n"] == 3
+    assert adm.prompt_bound == 2 + 9
+    assert adm.limits.decision.remaining_tokens == 1000 - (11 + 6 * 10)
+    assert rig.held() == pytest.approx(11 + 6 * 10)
+
+
+def test_a_token_id_prompt_is_bounded_by_its_length():
+    adm = Rig().admit(prompt=[[101, 102, 103], [7]], max_tokens=4)
+    assert adm.prompt_bound == 4
+
+
+def test_more_than_the_most_choices_is_refused_and_holds_nothing():
+    rig = Rig()
+    with pytest.raises(ServeError, match=r"asks for 130 choices; at most 128") as e:
+        rig.admit(prompt=["a"] * 65, n=2)
+    assert (e.value.status, e.value.param) == (400, "n") and rig.held() == 0
 
 
 @pytest.mark.parametrize(

@@ -111,3 +111,4 @@ def test_sampling_parameters_and_json_output_through_the_gateway(stack) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**kw, logit_bias={"999999": 5})
     assert "logit_bias: token id 999999 is not in this model's vocabulary" in e.value.body["message"]
+    assert e.value.body["param"] == "logit_bias"  # the engine's 400 names its parameter, as OpenAI's do

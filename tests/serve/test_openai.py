@@ -112,9 +112,9 @@ def test_unknown_model_is_404_model_not_found(stack):
 
 
 def test_an_unserved_endpoint_is_an_openai_shaped_404(stack):
-    r = _post(stack, stack.key(), {"model": ECHO, "input": "x"}, path="/v1/embeddings")
+    r = _post(stack, stack.key(), {"model": ECHO, "input": "x"}, path="/v1/audio/speech")
     err = _assert_error(r, 404, "not_found")
-    assert "/v1/embeddings" in err["message"] and err["type"] == "invalid_request_error"
+    assert "/v1/audio/speech" in err["message"] and err["type"] == "invalid_request_error"
     r = httpx.get(f"{stack.base_url}/v1/completions", timeout=30)
     _assert_error(r, 405, "method_not_allowed")
 
@@ -198,3 +198,162 @@ def test_a_parameter_no_engine_honours_is_refused_not_dropped(stack):
         model=ECHO, messages=[{"role": "user", "content": "x"}], max_completion_tokens=2, presence_penalty=0
     )
     assert ok.usage.completion_tokens <= 2
+
+
+# --- several choices, prompt lists, echo, logprobs (what GuideLLM and lm-eval's local-completions send) --------
+
+
+def _greedy(client, prompt, n_tokens: int = 6) -> str:
+    return client.completions.create(model=TINY, prompt=prompt, max_tokens=n_tokens, temperature=0).choices[0].text
+
+
+def test_n_choices_for_each_prompt_of_a_list_in_openai_s_order(stack):
+    c = stack.client(stack.key())
+    prompts = ["the quick brown fox", "name: baker\nrole:"]
+    r = c.completions.create(model=TINY, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    singles = [_greedy(c, p) for p in prompts]
+    assert [ch.text for ch in r.choices] == [singles[0], singles[0], singles[1], singles[1]]
+    one = [c.completions.create(model=TINY, prompt=p, max_tokens=6, temperature=0).usage for p in prompts]
+    assert r.usage.prompt_tokens == sum(u.prompt_tokens for u in one)  # each prompt counted once, not n times
+    assert r.usage.completion_tokens == 2 * sum(u.completion_tokens for u in one)
+
+
+def test_sampled_choices_differ(stack):
+    c = stack.client(stack.key())
+    ask = {"model": TINY, "prompt": "once upon a time", "n": 3, "max_tokens": 12, "temperature": 1.0}
+    texts = [ch.text for ch in c.completions.create(**ask).choices]
+    assert len(texts) == 3 and len(set(texts)) > 1
+
+
+def test_a_token_id_prompt_is_answered_as_its_text(stack, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    c = stack.client(stack.key())
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)("the quick brown fox")["input_ids"]
+    by_ids = c.completions.create(model=TINY, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == _greedy(c, "the quick brown fox")
+    r = _post(stack, stack.key(), {"model": TINY, "prompt": [ids, [10**7]], "max_tokens": 2})
+    err = _assert_error(r, 400)
+    assert "outside this model's vocabulary" in err["message"] and err["param"] == "prompt"
+
+
+def test_streamed_choices_arrive_by_index_and_equal_the_collected_answer(stack):
+    c = stack.client(stack.key())
+    prompts = ["the quick brown fox", "once upon a time"]
+    chunks = list(
+        c.completions.create(
+            model=TINY, prompt=prompts, n=2, max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    texts, finished = ["", "", "", ""], {}
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    whole = c.completions.create(model=TINY, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert texts == [ch.text for ch in whole.choices] and set(finished) == {0, 1, 2, 3}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streamed_chat_with_n_opens_every_choice_with_its_role(stack):
+    c = stack.client(stack.key())
+    ask = {"model": TINY, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5, "temperature": 0}
+    chunks = list(c.chat.completions.create(**ask, n=2, stream=True))
+    roles = {ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].delta.role == "assistant"}
+    texts = ["", ""]
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert roles == {0, 1}
+    assert texts == [c.chat.completions.create(**ask).choices[0].message.content] * 2
+
+
+def test_lm_eval_loglikelihood_request_gets_each_prompt_s_token_logprobs(stack):
+    """lm-eval's local-completions asks exactly this for loglikelihood tasks: prompts, echo, one token, logprobs."""
+    c = stack.client(stack.key())
+    prompts = ["the quick brown fox", "name: baker"]
+    r = c.completions.create(model=TINY, prompt=prompts, echo=True, max_tokens=1, logprobs=1, temperature=0, seed=1)
+    for prompt, ch in zip(prompts, r.choices, strict=True):
+        assert ch.text.startswith(prompt)
+        lp = ch.logprobs
+        assert "".join(lp.tokens) == ch.text and lp.token_logprobs[0] is None
+        assert all(v <= 0 for v in lp.token_logprobs[1:]) and len(lp.top_logprobs[1]) == 1
+        assert lp.text_offset[0] == 0 and lp.text_offset[-1] == len(ch.text) - len(lp.tokens[-1])
+
+
+def test_chat_logprobs_come_in_the_chat_shape_with_the_likeliest_alternatives(stack):
+    c = stack.client(stack.key())
+    r = c.chat.completions.create(
+        model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the likeliest
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and len(t.top_logprobs) <= 2
+
+
+def test_echo_repeats_the_prompt_on_every_engine(stack):
+    r = _post(stack, stack.key(), {"model": ECHO, "prompt": "a b", "echo": True, "n": 2, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert [ch["text"] for ch in r.json()["choices"]] == ["a b a b"] * 2
+
+
+def test_too_many_choices_and_echo_on_chat_are_refused(stack):
+    r = _post(stack, stack.key(), {"model": ECHO, "prompt": ["a"] * 65, "n": 2, "max_tokens": 1})
+    assert _assert_error(r, 400)["param"] == "n"
+    body = {"model": ECHO, "messages": [{"role": "user", "content": "x"}], "echo": True}
+    assert _assert_error(_post(stack, stack.key(), body, path="/v1/chat/completions"), 400)["param"] == "echo"
+
+
+def test_embeddings_are_the_model_s_normalised_last_token_states(stack, tiny_model_dir):
+    import base64
+    import struct
+
+    import torch
+
+    from slipway.llm.checkpoint import load_causal_lm
+
+    c = stack.client(stack.key())
+    texts = ["the quick brown fox", "name: baker"]
+    r = c.embeddings.create(model=TINY, input=texts)
+    model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
+    ids = [tok(t)["input_ids"] for t in texts]
+    with torch.inference_mode():
+        want = [
+            torch.nn.functional.normalize(
+                model(torch.tensor([i]), output_hidden_states=True).hidden_states[-1][0, -1], dim=-1
+            )
+            for i in ids
+        ]
+    assert [d.index for d in r.data] == [0, 1]
+    for d, w in zip(r.data, want, strict=True):
+        assert d.embedding == pytest.approx(w.tolist(), abs=1e-5)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(i) for i in ids)
+    raw = _post(stack, stack.key(), {"model": TINY, "input": ids[0], "encoding_format": "base64"}, "/v1/embeddings")
+    vector = base64.b64decode(raw.json()["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{len(vector) // 4}f", vector)) == pytest.approx(r.data[0].embedding, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": ECHO, "input": "x"}, 400, None),
+        ({"model": TINY, "input": "x", "dimensions": 8}, 400, "dimensions"),
+        ({"model": TINY, "input": "x", "pooling": "mean"}, 400, "pooling"),
+        ({"model": TINY, "input": []}, 400, "input"),
+        ({"model": TINY, "input": ["x", ""]}, 400, "input"),
+        ({"model": "nope", "input": "x"}, 404, "model"),
+        ({"model": TINY, "input": "x " * 200}, 413, "prompt"),
+    ],
+    ids=["engine-without", "dimensions", "unknown-argument", "empty", "empty-item", "unknown-model", "too-long"],
+)
+def test_an_embeddings_request_it_cannot_answer_is_refused_in_openai_shape(stack, body, status, param):
+    err = _assert_error(_post(stack, stack.key(), body, "/v1/embeddings"), status)
+    if param is not None:
+        assert err["param"] == param
+    else:
+        assert "the echo engine does not serve embeddings" in err["message"]

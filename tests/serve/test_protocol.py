@@ -24,7 +24,7 @@ BASE = {"model": "demo", "prompt": "hi"}
         ({"ignore_eos": True}, "ignore_eos", "unsupported_parameter"),
         ({"min_tokens": 4}, "min_tokens", "unsupported_parameter"),
         ({"best_of": 3}, "best_of", "unsupported_parameter"),
-        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"n": 2, "best_of": 4}, "best_of", "unsupported_parameter"),
         ({"store": True}, "store", "unsupported_parameter"),
         ({"temprature": 0.2}, "temprature", "unrecognized_parameter"),
     ],
@@ -50,6 +50,11 @@ def test_a_parameter_the_engines_do_not_honour_is_refused_naming_it(extra, param
         {"tools": []},
         {"tool_choice": "none"},
         {"n": 1},
+        {"n": 3},
+        {"n": 2, "best_of": 2},
+        {"echo": True},
+        {"prompt": ["a", "b"]},
+        {"prompt": [[1, 2], [3]]},
         {"store": False},
         {"service_tier": "auto"},
         {"metadata": {"team": "a"}},
@@ -67,6 +72,38 @@ def test_max_completion_tokens_is_honoured_as_max_tokens():
     )
     p.refuse_unsupported(body)
     assert body.max_tokens == 7
+
+
+def test_chat_has_no_echo():
+    body = p.ChatCompletionRequest.model_validate(
+        {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "echo": True}
+    )
+    with pytest.raises(BadRequest) as e:
+        p.refuse_unsupported(body, "vllm")
+    assert e.value.param == "echo"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "payload"),
+    [
+        ("hi", {"prompt": "hi"}),
+        (["hi"], {"prompt": "hi"}),
+        ([5, 6, 7], {"prompt": [5, 6, 7]}),
+        ([[5, 6]], {"prompt": [5, 6]}),
+        (["a", "b"], {"prompts": ["a", "b"]}),
+        ([[1], [2, 3]], {"prompts": [[1], [2, 3]]}),
+    ],
+    ids=["text", "list-of-one", "token-ids", "token-lists-of-one", "texts", "token-lists"],
+)
+def test_prompts_of_every_openai_shape_reach_the_model_server(prompt, payload):
+    assert p.CompletionRequest.model_validate(BASE | {"prompt": prompt}).prompt_payload() == payload
+
+
+@pytest.mark.parametrize("prompt", [[], [[]]], ids=["no-prompt", "empty-token-list"])
+def test_an_empty_prompt_list_is_refused(prompt):
+    with pytest.raises(BadRequest) as e:
+        p.CompletionRequest.model_validate(BASE | {"prompt": prompt}).prompt_payload()
+    assert e.value.param == "prompt"
 
 
 def test_an_engine_without_a_parameter_refuses_it_and_names_the_engines_that_have_it():
@@ -92,7 +129,7 @@ def test_the_vllm_engine_is_passed_the_sampling_parameters_it_honours():
     }
     body = p.CompletionRequest.model_validate(BASE | extra | {"tool_choice": "none", "top_logprobs": 0})
     assert p.refuse_unsupported(body, "vllm") == extra  # defaults are not passed on
-    for shape_changing in ({"n": 2}, {"echo": True}, {"best_of": 2}, {"tools": [{"type": "function"}]}):
+    for shape_changing in ({"best_of": 2}, {"tools": [{"type": "function"}]}):
         with pytest.raises(BadRequest) as e:
             p.refuse_unsupported(p.CompletionRequest.model_validate(BASE | shape_changing), "vllm")
         assert e.value.code == "unsupported_parameter"

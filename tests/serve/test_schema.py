@@ -6,7 +6,13 @@ import pytest
 
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
 
-OPERATIONS = ["GET /health", "GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions"]
+OPERATIONS = [
+    "GET /health",
+    "GET /v1/models",
+    "POST /v1/completions",
+    "POST /v1/chat/completions",
+    "POST /v1/embeddings",
+]
 
 
 @pytest.mark.parametrize("label", OPERATIONS)
