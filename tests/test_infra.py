@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "infra" / "k8s"
 IMAGE = f"ghcr.io/slipway/slipway:{slipway.__version__}"
 OBS = ROOT / "infra" / "observability"
-STANDARD = ["namespace.yaml", "postgres.yaml", "migrate-job.yaml"]
+STANDARD = ["namespace.yaml", "postgres.yaml", "migrate-job.yaml", "registry-identities.yaml"]
 GRAFANA_SCHEMA = Path(
     os.environ.get("SLIPWAY_GRAFANA_SCHEMA", ROOT / ".venv" / "infra" / "grafana-dashboard.schema.json")
 )
@@ -95,6 +95,15 @@ def test_images_ports_and_paths_match_the_code():
     assert str(ports["metrics"]) == head["rayStartParams"]["metrics-export-port"]
     migrate = _docs(K8S / "migrate-job.yaml")[0]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert migrate == ["slipway", "db", "upgrade"]
+    identities = {d["metadata"]["name"]: d for d in _docs(K8S / "registry-identities.yaml")}
+    assert identities["slipway-db-roles"]["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "slipway", "db", "roles"
+    ]  # fmt: skip
+    # each service connects as its own login: the Secret each one reads exists, and no one reads a shared one
+    used = set(re.findall(r"slipway-registry[\w-]*", "".join(
+        (K8S / f).read_text() for f in ("migrate-job.yaml", "rayservice-cluster.yaml", "work-pool-job-template.json")
+    )))  # fmt: skip
+    assert used == {"slipway-registry-owner", "slipway-registry-gateway", "slipway-registry-worker"} <= set(identities)
     dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
     for src in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
@@ -105,6 +114,9 @@ def test_vault_policy_and_terraform_parse_and_grant_what_slipway_reads():
     policy = hcl2.loads((ROOT / "infra" / "vault" / "slipway.hcl").read_text())
     paths = {next(iter(p)).strip('"') for p in policy["path"]}
     assert {"secret/data/slipway/*", "transit/encrypt/slipway-prompts", "transit/decrypt/slipway-prompts"} <= paths
+    for service in ("worker", "gateway"):  # infra/vault/database.sh: each service reads its own credentials only
+        svc = hcl2.loads((ROOT / "infra" / "vault" / f"slipway-{service}.hcl").read_text())
+        assert [next(iter(p)).strip('"') for p in svc["path"]] == [f"database/creds/slipway-{service}"]
     tf = hcl2.loads((ROOT / "infra" / "terraform" / "main.tf").read_text())
     kinds = {next(iter(r)).strip('"') for r in tf["resource"]}
     assert {

@@ -6,6 +6,9 @@ on a free loopback port with SCRAM password authentication for TCP (every login 
 production); it is stopped by its PID when the session ends and its directory removed. As root (containers),
 ``initdb`` and the postmaster run as the ``postgres`` system user, which PostgreSQL requires.
 
+``team`` is a registry database on that cluster with ``slipway db roles`` applied and a cast of login roles
+(see :data:`PEOPLE`), copied per test from a template migrated once per session.
+
 Outside CI missing binaries skip the tests that need the cluster; with ``CI=true`` they fail them.
 """
 
@@ -21,11 +24,15 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+
+from slipway.registry import Registry, catalog, roles
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SUPERUSER = "cluster_admin"
@@ -146,3 +153,94 @@ def pg_cluster() -> Iterator[PgCluster]:
         pytest.skip(f"a throwaway PostgreSQL cluster did not start: {e}")
     yield cluster
     cluster.stop()
+
+
+# --- a registry with roles and people ------------------------------------------------------------------------
+
+OWNER = "registry_owner"
+PEOPLE = {
+    "ana": [roles.OPERATOR],
+    "bob": [roles.OPERATOR],
+    "mallory": [roles.OPERATOR],
+    "carol": [roles.ADMIN],
+    "rita": [roles.READER],
+    "dave": [roles.OPERATOR, "release_manager"],
+    "erin": [roles.OPERATOR, "release_manager"],
+}
+TEMPLATE = "registry_template"
+
+
+@pytest.fixture(scope="session")
+def roles_template(pg_cluster):
+    """A migrated registry database with ``slipway db roles`` applied and the cast created: the template each
+    test's database is copied from."""
+    pg_cluster.login(OWNER, options="CREATEROLE")
+    pg_cluster.sql(f"CREATE DATABASE {TEMPLATE} OWNER {OWNER}")
+    reg = Registry(pg_cluster.url(OWNER, TEMPLATE))
+    reg.upgrade()
+    first = roles.ensure_roles(reg.engine)
+    assert set(first.created) == {*roles.GROUP_ROLES, *roles.SERVICE_ROLES}
+    with reg.engine.begin() as c:
+        c.exec_driver_sql("CREATE ROLE release_manager NOLOGIN")
+    for person, groups in PEOPLE.items():
+        pg_cluster.login(person)
+        with reg.engine.begin() as c:
+            for g in groups:
+                c.exec_driver_sql(f"GRANT {g} TO {person}")
+    for service in roles.SERVICE_ROLES:  # created NOLOGIN-less by db roles; the cluster gives them a password
+        pg_cluster.passwords[service] = uuid.uuid4().hex
+        pg_cluster.sql(f"ALTER ROLE {service} PASSWORD '{pg_cluster.passwords[service]}'")
+    reg.dispose()
+    return pg_cluster
+
+
+@dataclass
+class Team:
+    cluster: object
+    database: str
+    registries: dict[tuple[str, str | None], Registry] = field(default_factory=dict)
+
+    def url(self, role: str) -> str:
+        return self.cluster.url(role, self.database)  # type: ignore[attr-defined]
+
+    def reg(self, role: str, label: str | None = None) -> Registry:
+        """The registry as login role ``role``; ``label`` is what the caller claims to be (SLIPWAY_ACTOR)."""
+        key = (role, label)
+        if key not in self.registries:
+            self.registries[key] = Registry(self.url(role), actor=label)
+        return self.registries[key]
+
+    def snapshot(self) -> dict[str, list]:
+        """Everything an attack could change, read as the owner."""
+        with self.reg(OWNER).engine.connect() as c:
+            q = lambda sql: [tuple(r) for r in c.execute(text(sql))]  # noqa: E731
+            return {
+                "aliases": q("SELECT name, version_id, protected, required_role, updated_by FROM aliases ORDER BY id"),
+                "versions": q("SELECT id, status, created_by, dataset_digest FROM model_versions ORDER BY id"),
+                "approvals": q("SELECT id, subject, approver, decision FROM approvals ORDER BY id"),
+                "audit": q("SELECT id, hash FROM audit_events ORDER BY id"),
+            }
+
+    def close(self) -> None:
+        for r in self.registries.values():
+            r.dispose()
+
+
+@pytest.fixture
+def team(roles_template) -> Iterator[Team]:
+    """A fresh copy of the template: ana registered demo v1..v3, production and staging -> v1, and carol (admin)
+    protected production with database role release_manager."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    roles_template.sql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE} OWNER {OWNER}")
+    t = Team(roles_template, name)
+    with t.reg("ana").session() as s:
+        catalog.create_model(s, name="demo")
+        for _ in range(3):
+            catalog.create_version(s, model="demo")
+        catalog.set_alias(s, model="demo", alias="production", version=1, expected=None)
+        catalog.set_alias(s, model="demo", alias="staging", version=1, expected=None)
+    with t.reg("carol").session() as s:
+        catalog.protect_alias(s, model="demo", alias="production", required_role="release_manager")
+    yield t
+    t.close()
+    roles_template.sql(f"DROP DATABASE {name} WITH (FORCE)")
