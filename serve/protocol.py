@@ -28,7 +28,7 @@ class _GenParams(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None)
     user: str | None = Field(default=None, max_length=256)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
 
     @model_validator(mode="after")
     def max_completion_tokens_is_max_tokens(self) -> _GenParams:

@@ -8,6 +8,8 @@ for what vLLM's sampling parameters add (:data:`PARAMS`):
 - ``presence_penalty``, ``frequency_penalty`` (generated tokens) and ``repetition_penalty`` (prompt and generated
   tokens), as vLLM defines them; ``logit_bias`` (token id → -100..100); ``min_tokens`` (end of sequence masked until
   then); ``top_k``; ``min_p`` (on the probabilities at the request's temperature, as vLLM);
+- ``seed`` (of a sampled request): its tokens are drawn from a generator of its own, so the same seed gives the
+  same answer whatever shares the batch;
 - ``ignore_eos``: the request is added without an end-of-sequence token, so it runs to ``max_tokens``;
 - ``response_format`` ``json_object`` / ``json_schema``: an xgrammar matcher per request masks the tokens the
   grammar does not allow and is advanced with every token the request generates; once the JSON is complete the
@@ -23,6 +25,7 @@ transformers' synchronous batching), ``__call__`` edits the logits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -68,6 +71,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()
     grammar: tuple[str, str] | None = None  # ("json_object", "") or ("json_schema", the schema as JSON)
+    seed: int | None = None  # a sampled request draws its tokens from its own generator (see RequestSampling.draw)
 
     @property
     def penalised(self) -> bool:
@@ -199,8 +203,13 @@ class Grammars:
 class RequestSampling:
     """A running request's state: its parameters, what it has generated, its grammar matcher."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], temperature: float, grammar: Any) -> None:
-        self.params, self.prompt, self.temperature = params, prompt, temperature
+    def __init__(
+        self, params: SamplingParams, prompt: list[int], temperature: float, grammar: Any, top_p: float = 1.0
+    ) -> None:
+        self.params, self.prompt, self.temperature, self.top_p = params, prompt, temperature, top_p
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
         self.matcher: Any = None
         if grammar is not None:
             import xgrammar as xgr
@@ -254,6 +263,22 @@ class RequestSampling:
         if p.min_p and self.temperature > 0:
             probs = torch.softmax(row / self.temperature, dim=-1)
             row.masked_fill_(probs < p.min_p * probs.max(), -math.inf)
+        if self.generator is not None:
+            self.draw(row)
+
+    def draw(self, row: torch.Tensor) -> None:
+        """A seeded request's token, drawn here from its own generator at its temperature and top-p, and the row
+        made one-hot so the batch's own sampling (which draws from one generator for every request) can only pick
+        it. The same seed gives the same tokens whatever else shares the batch (up to the float differences of
+        other batch shapes, as in vLLM)."""
+        probs = torch.softmax(row.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(probs, descending=True)
+            outside = torch.cumsum(ordered, dim=-1) - ordered > self.top_p  # keep the smallest set reaching top_p
+            probs[order[outside]] = 0.0
+        token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        row.fill_(-math.inf)
+        row[token] = 0.0
 
     def _penalise(self, row: torch.Tensor) -> None:
         p = self.params
@@ -334,12 +359,14 @@ class Sampling:
         """The request's sampling state, or None when it asks for nothing beyond temperature and top-p; 400 naming
         the parameter for a bad one (a schema is compiled off the event loop)."""
         params = parse(dict(req.extra), vocab_size=self.vocab_size, max_tokens=req.max_tokens)
+        if req.seed is not None and req.temperature > 0:  # a greedy request needs no seed
+            params = dataclasses.replace(params or SamplingParams(), seed=int(req.seed))
         if params is None:
             return None
         grammar = None
         if params.grammar is not None:
             grammar = await asyncio.to_thread(self.grammars.compile, params.grammar)
-        return RequestSampling(params, prompt, req.temperature, grammar)
+        return RequestSampling(params, prompt, req.temperature, grammar, req.top_p)
 
     def install(self, manager: Any) -> None:
         """Put a processor over :attr:`table` first in ``manager``'s logits processors (before temperature). Call

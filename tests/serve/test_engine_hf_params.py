@@ -235,6 +235,17 @@ def test_a_mixed_batch_keeps_the_plain_requests_greedy(engine: Any, reference: A
     assert engine.stats()["largest_step"] >= max(steps_before, 4)  # they shared steps
 
 
+def test_a_seed_reproduces_a_sampled_answer_whatever_shares_the_batch(engine: Any) -> None:
+    import dataclasses
+
+    seeded = dataclasses.replace(_req("once upon a time", 16, temperature=1.0), seed=7)
+    [(alone, _)] = _run(engine, seeded)
+    crowd = [_req(f"neighbour {i}", 16, temperature=1.0) for i in range(6)]
+    together = _run(engine, *crowd[:3], seeded, *crowd[3:])[3][0]
+    other = _run(engine, dataclasses.replace(seeded, seed=8))[0][0]
+    assert together == alone and other != alone
+
+
 def test_a_soft_reset_request_is_caught_up_with_the_tokens_it_had_generated() -> None:
     from transformers.generation.continuous_batching.requests import RequestState, RequestStatus
 

@@ -144,8 +144,39 @@ def test_vllm_engine_returns_logprobs_for_completions_and_chat(stack, vllm_versi
     )
     tokens = [t for ch in streamed if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
     assert tokens == lp["tokens"]
-    refused = httpx.post(f"{stack.base_url}/v1/completions", json={**body, "model": TINY}, headers=h)
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    hf = httpx.post(f"{stack.base_url}/v1/completions", json={**body, "model": TINY}, headers=h, timeout=60)
+    assert hf.status_code == 200, hf.text  # the same weights: the hf engine's logprobs are vLLM's (raw logprobs)
+    hf_lp = hf.json()["choices"][0]["logprobs"]
+    assert hf_lp["tokens"] == lp["tokens"]
+    assert hf_lp["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-2)  # measured: 3e-3 at most
+
+
+def test_vllm_engine_answers_choices_prompt_lists_echo_and_token_ids_like_the_hf_engine(
+    stack, vllm_version, tiny_model_dir
+) -> None:
+    from transformers import AutoTokenizer
+
+    h = {"Authorization": f"Bearer {stack.key()}"}
+    url = f"{stack.base_url}/v1/completions"
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)("hello there")["input_ids"]
+    asks = [
+        {"prompt": ["the quick brown fox", "name: baker\nrole:"], "n": 2, "max_tokens": 8},
+        {"prompt": [ids, ids[:2]], "max_tokens": 6, "echo": True},
+        {"prompt": ["the quick brown fox"], "max_tokens": 1, "echo": True, "logprobs": 1},  # lm-eval's loglikelihood
+    ]
+    for ask in asks:
+        body = {**ask, "temperature": 0}
+        got = httpx.post(url, json={**body, "model": MODEL}, headers=h, timeout=60)
+        want = httpx.post(url, json={**body, "model": TINY}, headers=h, timeout=60)
+        assert got.status_code == want.status_code == 200, (got.text, want.text)
+        g, w = got.json(), want.json()
+        assert [c["text"] for c in g["choices"]] == [c["text"] for c in w["choices"]]
+        assert [c["index"] for c in g["choices"]] == list(range(len(w["choices"])))
+        assert g["usage"] == w["usage"]
+        if ask.get("logprobs"):
+            gl, wl = g["choices"][0]["logprobs"], w["choices"][0]["logprobs"]
+            assert gl["tokens"] == wl["tokens"] and gl["token_logprobs"][0] is wl["token_logprobs"][0] is None
+            assert gl["token_logprobs"][1:] == pytest.approx(wl["token_logprobs"][1:], abs=1e-2)
 
 
 def test_a_dead_vllm_server_answers_500_then_is_replaced(stack, vllm_version) -> None:

@@ -219,11 +219,13 @@ def test_n_choices_for_each_prompt_of_a_list_in_openai_s_order(stack):
     assert r.usage.completion_tokens == 2 * sum(u.completion_tokens for u in one)
 
 
-def test_sampled_choices_differ(stack):
+def test_sampled_choices_differ_and_a_seed_reproduces_them(stack):
     c = stack.client(stack.key())
-    ask = {"model": TINY, "prompt": "once upon a time", "n": 3, "max_tokens": 12, "temperature": 1.0}
-    texts = [ch.text for ch in c.completions.create(**ask).choices]
-    assert len(texts) == 3 and len(set(texts)) > 1
+    ask = {"model": TINY, "prompt": "once upon a time", "n": 3, "max_tokens": 12, "temperature": 1.0, "seed": 11}
+    first, again = c.completions.create(**ask), c.completions.create(**ask)
+    texts = [ch.text for ch in first.choices]
+    assert len(set(texts)) > 1  # choice i samples with seed + i
+    assert texts == [ch.text for ch in again.choices]
 
 
 def test_a_token_id_prompt_is_answered_as_its_text(stack, tiny_model_dir):
