@@ -132,6 +132,8 @@ class Alias(Base):
     protected: Mapped[bool] = mapped_column(Boolean, default=False)
     required_role: Mapped[str | None] = mapped_column(String(100))
     updated_by: Mapped[str] = mapped_column(String(200))
+    # PostgreSQL: the last audit event before the change; the change commits only if a later event records it
+    audit_mark: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="aliases")

@@ -217,6 +217,23 @@ def test_direct_writes_to_aliases_versions_and_the_audit_log_are_refused(team, w
     assert team.snapshot() == before
 
 
+@pytest.mark.parametrize(
+    "who, sql",
+    [
+        ("mallory", "SELECT slipway_move_alias(model_id, 'staging', (SELECT max(id) FROM model_versions), false, "
+                    "NULL, NULL) FROM aliases WHERE name = 'staging'"),
+        ("carol", "SELECT slipway_protect_alias(id, false, NULL) FROM aliases WHERE name = 'production'"),
+    ],
+    ids=["move", "unprotect"],
+)  # fmt: skip
+def test_calling_the_alias_functions_by_hand_cannot_change_an_alias_unaudited(team, who, sql):
+    before = team.snapshot()
+    with pytest.raises(PermissionDenied, match=r"alias alias:demo@\w+ changed without an audit event recording it"):
+        with team.reg(who).session() as s:
+            s.execute(text(sql))  # allowed to call it, but the commit is refused
+    assert team.snapshot() == before
+
+
 def test_an_audit_event_in_someone_elses_name_is_refused(team):
     before = team.snapshot()
     with pytest.raises(PermissionDenied, match="written as the connected role mallory, not as erin"):

@@ -14,7 +14,9 @@ PostgreSQL only (SQLite has no roles; there ``SLIPWAY_ACTOR`` is a display label
 - ``slipway_move_alias`` and ``slipway_protect_alias``: SECURITY DEFINER functions, the only way a role other than
   the owner changes ``aliases`` (``slipway db roles`` grants EXECUTE, never INSERT/UPDATE/DELETE on the table).
   They check compare-and-set, protection (membership of the alias's role, or an approval of the version by a
-  member of it) and, for protection changes, membership of ``slipway_admin``.
+  member of it) and, for protection changes, membership of ``slipway_admin``; each stamps ``aliases.audit_mark``
+  (the last audit event before the change), and a deferred constraint trigger refuses to commit an alias change
+  that no later audit event records: calling the functions by hand does not move an alias unaudited.
 
 Revision ID: 0005
 Revises: 0004
@@ -116,14 +118,17 @@ DECLARE
   ap approvals%ROWTYPE;
   subj text;
   ok boolean := false;
+  mark bigint;
 BEGIN
+  PERFORM pg_advisory_xact_lock({lock});  -- the audit chain's lock: no event can slip in before the mark
+  mark := (SELECT coalesce(max(id), 0) FROM audit_events);
   SELECT * INTO a FROM aliases WHERE model_id = p_model_id AND name = p_name FOR UPDATE;
   IF NOT FOUND THEN
     IF p_check_expected AND p_expected_version_id IS NOT NULL THEN
       RAISE EXCEPTION 'alias % does not exist', p_name USING ERRCODE = 'SW409';
     END IF;
-    INSERT INTO aliases (model_id, name, version_id, protected, updated_by, updated_at)
-      VALUES (p_model_id, p_name, p_version_id, false, session_user, now()) RETURNING id INTO a.id;
+    INSERT INTO aliases (model_id, name, version_id, protected, updated_by, updated_at, audit_mark)
+      VALUES (p_model_id, p_name, p_version_id, false, session_user, now(), mark) RETURNING id INTO a.id;
     RETURN a.id;
   END IF;
   IF p_check_expected AND a.version_id IS DISTINCT FROM p_expected_version_id THEN
@@ -144,7 +149,8 @@ BEGIN
         p_name, coalesce(a.required_role, '(none)') USING ERRCODE = '42501';
     END IF;
   END IF;
-  UPDATE aliases SET version_id = p_version_id, updated_by = session_user, updated_at = now() WHERE id = a.id;
+  UPDATE aliases SET version_id = p_version_id, updated_by = session_user, updated_at = now(), audit_mark = mark
+    WHERE id = a.id;
   RETURN a.id;
 END $$
 """
@@ -161,13 +167,33 @@ BEGIN
   IF p_required_role IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_required_role) THEN
     RAISE EXCEPTION 'role % does not exist', p_required_role USING ERRCODE = '42704';
   END IF;
-  UPDATE aliases SET protected = p_protected, required_role = p_required_role WHERE id = p_alias_id;
+  PERFORM pg_advisory_xact_lock({lock});
+  UPDATE aliases SET protected = p_protected, required_role = p_required_role,
+                     audit_mark = (SELECT coalesce(max(id), 0) FROM audit_events)
+    WHERE id = p_alias_id;
 END $$
 """
+
+# Checked at commit: an alias changed in this transaction has an audit event after its mark.
+AUDITED_FN = """
+CREATE FUNCTION slipway_alias_audited() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = {schema}, pg_temp AS $$
+DECLARE t text := 'alias:' || (SELECT name FROM models WHERE id = NEW.model_id) || '@' || NEW.name;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM audit_events e WHERE e.target = t AND e.id > coalesce(NEW.audit_mark, 0)
+                 AND e.action IN ('alias.set', 'alias.protect')) THEN
+    RAISE EXCEPTION 'alias % changed without an audit event recording it', t USING ERRCODE = '42501';
+  END IF;
+  RETURN NULL;
+END $$
+"""
+# The audit chain's advisory lock (slipway.registry.audit._PG_AUDIT_LOCK, copied: migrations import no live code).
+AUDIT_LOCK = 0x5C1E_A0D1
 
 FUNCTIONS = (
     "slipway_move_alias(integer, text, integer, boolean, integer, integer)",
     "slipway_protect_alias(integer, boolean, text)",
+    "slipway_alias_audited()",
     "slipway_approval_check()",
     "slipway_audit_actor_check()",
     "slipway_stamp_session_user()",
@@ -187,13 +213,15 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("via", sa.String(length=200), nullable=True))
     with op.batch_alter_table("approvals", schema=None) as batch_op:
         batch_op.create_unique_constraint(batch_op.f("uq_approvals_subject_approver"), ["subject", "approver"])
+    with op.batch_alter_table("aliases", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("audit_mark", sa.BigInteger(), nullable=True))
     if op.get_bind().dialect.name != "postgresql":
         return
     run = _raw
     # Pinned, so a SECURITY DEFINER function never resolves a table through a schema the caller controls.
     schema = op.get_bind().exec_driver_sql("SELECT quote_ident(current_schema())").scalar()
-    for ddl in (MEMBER_FN, REQUESTER_FN, STAMP_FN, AUDIT_FN, APPROVAL_FN, MOVE_FN, PROTECT_FN):
-        run(ddl.replace("{schema}", str(schema)))
+    for ddl in (MEMBER_FN, REQUESTER_FN, STAMP_FN, AUDIT_FN, APPROVAL_FN, MOVE_FN, PROTECT_FN, AUDITED_FN):
+        run(ddl.replace("{schema}", str(schema)).replace("{lock}", str(AUDIT_LOCK)))
     for fn in FUNCTIONS[:2]:
         run(f"REVOKE EXECUTE ON FUNCTION {fn} FROM PUBLIC")  # `slipway db roles` grants them
     for table, column in STAMPED.items():
@@ -208,17 +236,24 @@ def upgrade() -> None:
     run(
         "CREATE TRIGGER slipway_approval BEFORE INSERT ON approvals FOR EACH ROW EXECUTE FUNCTION slipway_approval_check()"
     )
+    run(
+        "CREATE CONSTRAINT TRIGGER slipway_alias_audited AFTER INSERT OR UPDATE ON aliases "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slipway_alias_audited()"
+    )
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         run = _raw
+        run("DROP TRIGGER slipway_alias_audited ON aliases")
         run("DROP TRIGGER slipway_approval ON approvals")
         run("DROP TRIGGER slipway_audit_actor ON audit_events")
         for table in STAMPED:
             run(f"DROP TRIGGER slipway_stamp_{table} ON {table}")
         for fn in FUNCTIONS:
             run(f"DROP FUNCTION {fn}")
+    with op.batch_alter_table("aliases", schema=None) as batch_op:
+        batch_op.drop_column("audit_mark")
     with op.batch_alter_table("approvals", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("uq_approvals_subject_approver"), type_="unique")
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
