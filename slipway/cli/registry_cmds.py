@@ -298,7 +298,8 @@ def audit_list(
     limit: Annotated[int, typer.Option(min=1, help="How many recent events.")] = 50,
     target: Annotated[str | None, typer.Option(help="Only targets starting with this, e.g. alias:demo@")] = None,
 ) -> None:
-    """Show recent audit events, newest first."""
+    """Show recent audit events, newest first. On PostgreSQL the actor is the database role that acted; what it
+    said it acted for (a flow run, a label) is shown beside it as "via"."""
     from slipway.registry import audit
 
     reg = open_registry()
@@ -308,6 +309,7 @@ def audit_list(
                 "id": e.id,
                 "ts": e.ts,
                 "actor": e.actor,
+                "via": e.via,
                 "action": e.action,
                 "target": e.target,
                 "before": e.before,
@@ -323,7 +325,14 @@ def audit_list(
         "audit log",
         ["id", "time", "actor", "action", "target", "change"],
         [
-            [r["id"], fmt_time(r["ts"]), r["actor"], r["action"], r["target"], _change(r["before"], r["after"])]
+            [
+                r["id"],
+                fmt_time(r["ts"]),
+                r["actor"] + (f" (via {r['via']})" if r["via"] else ""),
+                r["action"],
+                r["target"],
+                _change(r["before"], r["after"]),
+            ]
             for r in rows
         ],
     )

@@ -13,6 +13,7 @@ compared before and after.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,10 @@ def test_forged_slipway_actor_does_not_move_production(team, tmp_path):
     assert "needs membership of database role 'release_manager'" in r.stderr
     assert "connected as 'mallory'" in r.stderr
     assert team.snapshot() == before
+    # what mallory may do, she does as herself: the label only sits beside her name
+    assert cli(team, "mallory", "alias", "set", "demo", "staging", "2", actor="dave", cwd=tmp_path).returncode == 0
+    last = json.loads(cli(team, "mallory", "audit", "list", "--json", "--limit", "1", cwd=tmp_path).stdout)[0]
+    assert (last["actor"], last["via"], last["target"]) == ("mallory", "dave", "alias:demo@staging")
 
 
 def test_the_requester_cannot_approve_their_own_version(team):
