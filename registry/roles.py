@@ -8,7 +8,8 @@
 ``slipway_operator`` + run pipelines, register versions, record runs, evals, gates, deployments, approvals; move
                      unprotected aliases through ``slipway_move_alias`` (never a write on ``aliases`` itself)
 ``slipway_admin``    + protect aliases (``slipway_protect_alias``), manage API keys, purge usage (retention)
-``slipway_worker``   login: Prefect workers and scheduled jobs; a member of ``slipway_operator``
+``slipway_worker``   login: Prefect workers and scheduled jobs; a member of ``slipway_operator``, and may purge
+                     usage rows (the scheduled retention)
 ``slipway_gateway``  login: read API keys, write usage rows; nothing else
 =================== ============================================================================================
 
@@ -139,7 +140,7 @@ def _grants(schema: str) -> list[str]:
         f"GRANT EXECUTE ON FUNCTION {schema}.slipway_move_alias(integer, text, integer, boolean, integer, integer) "
         f"TO {OPERATOR}",
         f"GRANT INSERT, UPDATE ON {schema}.api_keys TO {ADMIN}",
-        f"GRANT DELETE ON {schema}.usage_records TO {ADMIN}",
+        f"GRANT DELETE ON {schema}.usage_records TO {ADMIN}, {WORKER}",  # retention runs as a scheduled job
         f"GRANT EXECUTE ON FUNCTION {schema}.slipway_protect_alias(integer, boolean, text) TO {ADMIN}",
         # The gateway: resolve API keys, write usage (its staging table is shaped after usage_records).
         f"GRANT SELECT ON {schema}.api_keys TO {GATEWAY}",

@@ -294,3 +294,4 @@ def test_grants_are_exact(team):
     assert {(t, p) for g, t, p in grants if g == roles.GATEWAY} == {
         ("api_keys", "SELECT"), ("usage_records", "SELECT"), ("usage_records", "INSERT")
     }  # fmt: skip
+    assert {(t, p) for g, t, p in grants if g == roles.WORKER} == {("usage_records", "DELETE")}  # + operator's
