@@ -45,9 +45,9 @@ _OPERATOR_INSERT = (
     "gate_decisions", "deployments", "rollout_events", "compliance_findings", "approvals", "promotion_leases",
     "cost_reports", "usage_daily", "audit_events",
 )  # fmt: skip
+# Gate decisions, approvals and audit events are facts: inserted, never updated.
 _OPERATOR_UPDATE = (
-    "datasets", "pipeline_runs", "step_runs", "eval_runs", "gate_decisions", "deployments", "compliance_findings",
-    "promotion_leases",
+    "datasets", "pipeline_runs", "step_runs", "eval_runs", "deployments", "compliance_findings", "promotion_leases",
 )  # fmt: skip
 _OPERATOR_DELETE = ("promotion_leases", "usage_daily")
 # A version's lifecycle moves; its lineage (what it was trained on, by whom) never does.

@@ -76,7 +76,8 @@ END $$
 """
 
 STAMP_FN = """
-CREATE FUNCTION slipway_stamp_session_user() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION slipway_stamp_session_user() RETURNS trigger LANGUAGE plpgsql
+SET search_path = {schema}, pg_temp AS $$
 BEGIN
   IF TG_ARGV[0] = 'actor' THEN NEW.actor := session_user; ELSE NEW.created_by := session_user; END IF;
   RETURN NEW;
@@ -84,7 +85,8 @@ END $$
 """
 
 AUDIT_FN = """
-CREATE FUNCTION slipway_audit_actor_check() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION slipway_audit_actor_check() RETURNS trigger LANGUAGE plpgsql
+SET search_path = {schema}, pg_temp AS $$
 BEGIN
   IF NEW.actor IS DISTINCT FROM session_user::text THEN
     RAISE EXCEPTION 'an audit event is written as the connected role %, not as %', session_user, NEW.actor
@@ -95,7 +97,8 @@ END $$
 """
 
 APPROVAL_FN = """
-CREATE FUNCTION slipway_approval_check() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION slipway_approval_check() RETURNS trigger LANGUAGE plpgsql
+SET search_path = {schema}, pg_temp AS $$
 BEGIN
   NEW.approver := session_user;
   IF slipway_requester(NEW.subject) = session_user::text THEN
