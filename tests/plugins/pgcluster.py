@@ -82,7 +82,7 @@ class PgCluster:
             os.chown(pwfile, pg.pw_uid, pg.pw_gid)
         run = [*self._as_owner(), str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8",
-               "--locale=C.UTF-8", "--no-sync"]  # fmt: skip
+               "--locale=C", "--no-sync"]  # fmt: skip
         done = subprocess.run(run, capture_output=True, text=True, timeout=120)
         if done.returncode:
             raise RuntimeError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
