@@ -45,10 +45,20 @@ class HFStaticEngine(TokenizedEngine):
                 400,
                 f"{req.extra[0][0]} is not supported by the hf engine's static batching (engine.batching: static); "
                 "the continuous batching engine honours it",
+                param=req.extra[0][0],
+            )
+        if req.seed is not None and req.temperature > 0:  # one generate samples a whole batch from one generator
+            raise EngineError(
+                400,
+                "seed is not supported by the hf engine's static batching (engine.batching: static); "
+                "the continuous batching engine honours it",
+                param="seed",
             )
         n_prompt = len(self.prompt_ids(req))
         self.check_length(n_prompt, req.max_tokens)
         self.counters.requests += 1
+        if req.echo:
+            yield Delta(req.prompt, 0)
         if req.stream:
             async for item in self._stream(req, n_prompt):
                 yield item

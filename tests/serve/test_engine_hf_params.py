@@ -273,3 +273,17 @@ def test_static_batching_refuses_the_parameters_naming_them(tiny_model_dir: Path
     with pytest.raises(EngineError) as e:
         asyncio.run(collect(eng, _req(PROMPT, 4, top_k=5)))
     assert e.value.status == 400 and str(e.value).startswith("top_k is not supported by the hf engine's static")
+    assert e.value.param == "top_k"
+    import dataclasses
+
+    with pytest.raises(EngineError) as e:
+        asyncio.run(collect(eng, dataclasses.replace(_req(PROMPT, 4, temperature=1.0), seed=3)))
+    assert (e.value.status, e.value.param) == (400, "seed")
+
+    async def plain_and_echoed() -> tuple[str, str]:  # one event loop: the static batcher's task lives on it
+        plain, _ = await collect(eng, _req(PROMPT, 4))
+        echoed, _ = await collect(eng, dataclasses.replace(_req(PROMPT, 4), echo=True))
+        return plain, echoed
+
+    plain, echoed = asyncio.run(plain_and_echoed())
+    assert echoed == PROMPT + plain  # echo is every engine's
