@@ -78,7 +78,7 @@ def wait_for_approval(
     from slipway.registry.models import RunStatus
 
     reg = ctx.registry
-    with reg.session(actor=ctx.actor) as s:
+    with ctx.session() as s:
         # what the approver must match, for `slipway approve` (any step type can wait: approve, gate, ...)
         awaiting = {"subject": subject or default_subject(ctx.run_id, ctx.step), "role": role}
         runs.upsert_step(
@@ -96,7 +96,7 @@ def wait_for_approval(
     except FlowPauseTimeout as e:
         raise ApprovalError(f"no approval within {timeout:g} s") from e
     finally:
-        with reg.session(actor=ctx.actor) as s:
+        with ctx.session() as s:
             runs.upsert_step(s, ctx.run_id, ctx.step, step_type=step_type, status=RunStatus.RUNNING)
             runs.set_run_status(s, ctx.run_id, RunStatus.RUNNING)
     given = _read_approval(reg, answer.approval_id)

@@ -176,6 +176,7 @@ class _Execution:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.previous: dict[str, _PreviousStep] = {}
         self.previous_run: str | None = None
+        self.flow_run: str | None = None  # the Prefect flow run this run executes in (set by run())
         self.given = dict(given)
         self.logger: Any = log
         self._tasks: dict[tuple[Any, ...], Any] = {}
@@ -192,7 +193,7 @@ class _Execution:
 
         self.logger = self._logger()
         p = self.plan.pipeline
-        with self.reg.session() as s:
+        with self.reg.session(run=self.flow_run) as s:
             if self.resume:
                 prev = runs.get_run(s, self.resume)
                 if prev.pipeline != p.name:
@@ -207,7 +208,7 @@ class _Execution:
                 self.given = {**(prev.params or {}), **self.given}
         self.params = resolve_params(p, self.given)
         spec = {**p.model_dump(mode="json", by_alias=True, exclude_defaults=True), "source": self.plan.source}
-        with self.reg.session() as s:
+        with self.reg.session(run=self.flow_run) as s:
             runs.create_run(
                 s,
                 pipeline=p.name,
@@ -218,7 +219,8 @@ class _Execution:
                 run_id=self.run_id,
             )
             fr = flow_run.get_id()
-            runs.set_orchestrator_run(s, self.run_id, str(fr) if fr else None)
+            self.flow_run = str(fr) if fr else None
+            runs.set_orchestrator_run(s, self.run_id, self.flow_run)
             for name in self.plan.order:
                 runs.upsert_step(
                     s, self.run_id, name, step_type=self.plan.steps[name].spec.uses, status=RunStatus.PENDING
@@ -252,6 +254,7 @@ class _Execution:
             registry=self.reg,
             documents=self.docs,
             actor=self.reg.actor or "unknown",
+            flow_run=self.flow_run,
             logger=self.logger,
         )
 
@@ -269,13 +272,13 @@ class _Execution:
                 what = f"undo failed: {describe(e)}"
                 self.logger.exception("undoing step %s failed", name)
             self.logger.warning("undid step %s after the run failed: %s", name, what)
-            with self.reg.session() as s:
+            with self.reg.session(run=self.flow_run) as s:
                 audit.append(s, action="pipeline.undo", target=f"run:{self.run_id}", after={"step": name, "did": what})
             done.append(f"{name}: {what}")
         return done
 
     def _finish(self, status: RunStatus, error: str | None) -> None:
-        with self.reg.session() as s:
+        with self.reg.session(run=self.flow_run) as s:
             for name in self.plan.order:
                 if name not in self.status:  # the runner stopped before deciding it
                     runs.upsert_step(
@@ -363,7 +366,7 @@ class _Execution:
         if status == RunStatus.FAILED:
             self._errors[step.name] = fields.get("error") or ""
         now = utcnow()
-        with self.reg.session() as s:
+        with self.reg.session(run=self.flow_run) as s:
             runs.upsert_step(
                 s, self.run_id, step.name, step_type=step.spec.uses, status=status, finished_at=now, **fields
             )
@@ -371,7 +374,7 @@ class _Execution:
     def _submit(self, batch: list[tuple[PlannedStep, dict[str, Any]]]) -> dict[PrefectFuture[Any], str]:
         """Mark the steps running in one transaction, then hand each to Prefect as a task; its future."""
         now = utcnow()
-        with self.reg.session() as s:
+        with self.reg.session(run=self.flow_run) as s:
             for step, inputs in batch:
                 runs.upsert_step(
                     s,
@@ -404,12 +407,12 @@ class _Execution:
                 self.status[name] = RunStatus.SUCCEEDED
                 succeeded.append((name, done))
                 continue
-            with self.reg.session() as s:
+            with self.reg.session(run=self.flow_run) as s:
                 rec = runs.get_step(s, self.run_id, name)
                 recorded = rec.error if rec is not None and rec.status == RunStatus.FAILED else None
             self._record_final(self.plan.steps[name], RunStatus.FAILED, error=recorded or state_error(state))
         if succeeded:
-            with self.reg.session() as s:
+            with self.reg.session(run=self.flow_run) as s:
                 for name, done in succeeded:
                     runs.upsert_step(
                         s,

@@ -45,8 +45,13 @@ class StepContext:
     registry: Registry
     documents: Any  # policies.loader.DocumentSet: every loaded document, by kind and name
     actor: str = "unknown"
+    flow_run: str | None = None  # the Prefect flow run, recorded beside the actor on PostgreSQL (``via``)
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("slipway.step"))
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def session(self) -> Any:
+        """A registry session acting for this step: its actor, and its flow run beside it."""
+        return self.registry.session(actor=self.actor, run=self.flow_run)
 
 
 @dataclasses.dataclass(frozen=True)

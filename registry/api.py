@@ -72,12 +72,13 @@ class Registry:
         db.ensure_migrated(self.engine)
 
     @contextlib.contextmanager
-    def session(self, *, actor: str | None = None) -> Iterator[Session]:
+    def session(self, *, actor: str | None = None, run: str | None = None) -> Iterator[Session]:
         """A session inside one transaction: committed on success, rolled back on any exception.
 
         Who acts: on PostgreSQL the connection's role (``session_user``), established by the database's own
         authentication; ``actor`` (or the registry's) is then only recorded beside it, as ``via`` — a Prefect flow
-        run, an API key, a label. On SQLite, single-user by nature, ``actor`` is the display label itself.
+        run, an API key, a label; ``run`` (an orchestrator's run id, e.g. the Prefect flow run) is recorded there too.
+        On SQLite, single-user by nature, ``actor`` is the display label itself.
 
         Integrity, privilege and connection failures come out as :class:`AlreadyExists`,
         :class:`PermissionDenied` and :class:`DatabaseUnavailable`; nothing from the driver reaches the caller.
@@ -93,7 +94,9 @@ class Registry:
                     if self.engine.dialect.name == "postgresql":
                         user = db.session_user(s.connection())
                         s.info["actor"] = user
-                        s.info["via"] = label if label and label != user else None
+                        claimed = label if label and label != user else None
+                        on_run = f"prefect flow run {run}" if run else None
+                        s.info["via"] = ", ".join(x for x in (claimed, on_run) if x) or None
                     else:
                         s.info["actor"] = label or "unknown"
                     yield s

@@ -122,7 +122,7 @@ def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
     holder = promotion.holder_id(ctx.run_id)
     local.connect(start=True)
     promotion.reconcile(reg, control, model=model, config=cfg)  # a dead earlier promotion is cleaned up first
-    with reg.session(actor=ctx.actor) as s:
+    with ctx.session() as s:
         leases.acquire(s, model=model, holder=holder, run_id=ctx.run_id, ttl=LEASE_TTL)
     up = local.up(reg, models=[model], configs={model: cfg})
     base = up["base_url"]
@@ -183,7 +183,7 @@ def _start_traffic(ctx: StepContext, spec: TrafficSpec, base: str, model: str) -
 
         examples, _ = load_examples(ctx.documents.get("EvalSuite", spec.suite), limit=200)
         prompts = [e.prompt for e in examples] or prompts
-    with ctx.registry.session(actor=ctx.actor) as s:
+    with ctx.session() as s:
         name = f"canary-traffic-{ctx.run_id[:8]}-{uuid.uuid4().hex[:6]}"
         _key, secret = keys.create_key(s, name=name, models=[model], expires_at=utcnow() + dt.timedelta(hours=1))
     return Traffic(f"{base}/v1", secret, model, prompts, rps=spec.rps, max_tokens=spec.max_tokens).start()
@@ -219,7 +219,7 @@ def promote(ctx: StepContext, inp: PromoteInput) -> PromoteOutput:
     from slipway.serve import local
     from slipway.serve.canary import promotion
 
-    with ctx.registry.session() as s:
+    with ctx.session() as s:
         v = catalog.resolve(s, inp.candidate)
         model, number = v.model.name, v.version
     holder = promotion.holder_id(ctx.run_id)
@@ -306,7 +306,7 @@ def reconcile(ctx: StepContext, inp: ReconcileInput) -> ReconcileOutput:
     from slipway.serve import local
     from slipway.serve.canary import promotion
 
-    with ctx.registry.session() as s:
+    with ctx.session() as s:
         names = [catalog.get_model(s, inp.model).name] if inp.model else [m.name for m in catalog.list_models(s)]
     serving = None if inp.registry_only else local.control_if_running()
     actions = []

@@ -48,7 +48,7 @@ def validate_data(ctx: StepContext, inp: ValidateDataInput) -> ValidateDataOutpu
     rows = ds.rows()
     report = datacheck.validate_rows(suite, rows)
     columns = sorted({k for r in rows for k in r})
-    with ctx.registry.session(actor=ctx.actor) as s:
+    with ctx.session() as s:
         record = catalog.register_dataset(
             s, name=ds.name, digest=ds.digest, uri=ds.uri, rows=len(rows), columns=columns
         )

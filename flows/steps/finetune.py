@@ -157,7 +157,7 @@ def finetune(ctx: StepContext, inp: FinetuneInput) -> FinetuneOutput:
     params = spec.as_params()
     fp = fingerprint(base=base_ref, base_sha256=base_sha, dataset_digest=ds.digest, params=params)
 
-    with ctx.registry.session(actor=ctx.actor) as s:
+    with ctx.session() as s:
         failed = s.scalar(
             select(Dataset.validation_suite).where(Dataset.digest == ds.digest, Dataset.validation_status == "failed")
         )
@@ -211,7 +211,7 @@ def finetune(ctx: StepContext, inp: FinetuneInput) -> FinetuneOutput:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    with ctx.registry.session(actor=ctx.actor) as s:
+    with ctx.session() as s:
         catalog.ensure_model(s, model, description=f"fine-tuned from {base_ref.split(':')[0]}")
         base_mv = catalog.resolve(s, base_ref)
         run_id = ctx.run_id if s.get(PipelineRun, ctx.run_id) is not None else None

@@ -58,6 +58,22 @@ def test_the_actor_is_the_login_role_and_the_claimed_name_only_sits_beside_it(te
         assert audit.verify(s) == []
 
 
+def test_a_step_s_flow_run_is_recorded_beside_the_login_role(team):
+    """A pipeline step acts as the worker's login; its Prefect flow run (and any claimed label) sit beside it."""
+    from slipway.flows.steptypes import StepContext
+
+    ctx = StepContext(
+        run_id="r1", step="s", pipeline="p", model="demo", params={}, registry=team.reg("mallory", label="ci-bot"),
+        documents=None, actor="ci-bot", flow_run="7f1c",
+    )  # fmt: skip
+    with ctx.session() as s:
+        catalog.set_alias(s, model="demo", alias="staging", version=2, expected=1)
+    with team.reg(OWNER).session() as s:
+        last = audit.list_events(s, action="alias.set", limit=1)[0]
+        assert (last.actor, last.via) == ("mallory", "ci-bot, prefect flow run 7f1c")
+        assert audit.verify(s) == []
+
+
 def test_a_member_of_the_protecting_role_moves_production_and_the_audit_names_them(team):
     with team.reg("dave").session() as s:
         catalog.set_alias(s, model="demo", alias="production", version=2, expected=1)

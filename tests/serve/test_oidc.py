@@ -272,3 +272,43 @@ def test_a_legacy_shared_secret_token_without_models_is_denied_by_default():
 def test_configurations_that_would_weaken_verification_are_refused(over, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         OidcConfig.model_validate({"issuer": "https://idp.example", "audience": "gw"} | over)
+
+
+# --- over HTTP, through a gateway deployed with the issuer ---------------------------------------------------------
+
+
+@pytest.mark.xdist_group("ray")
+@pytest.mark.slow
+def test_the_gateway_over_http_takes_the_issuer_s_tokens_and_refuses_in_openai_s_shape(stack, issuer):
+    """A second gateway application on the test cluster, configured with the issuer (GatewaySettings.oidc): the
+    issuer's token lists the models it grants (none of the live ones), a live model it does not grant is 403, an
+    expired or forged token 401; every refusal in OpenAI's error shape."""
+    import httpx
+    from ray import serve
+
+    from slipway.serve.gateway import Gateway
+    from tests.plugins.serving import ECHO
+
+    settings = {"oidc": issuer.config().model_dump(mode="json"), "key_cache_ttl_s": 0.0}
+    serve.run(Gateway.options(num_replicas=1).bind(settings), name="sso-gateway", route_prefix="/sso")
+    base = f"{stack.base_url}/sso"
+    try:
+        token = issuer.token()
+
+        def post(bearer: str) -> httpx.Response:
+            body = {"model": ECHO, "prompt": "a b", "max_tokens": 2}
+            return httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {bearer}"})
+
+        models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert models.status_code == 200 and models.json()["data"] == []  # it grants demo and other only
+        denied = post(token)
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed", denied.text
+        header, claims = _parts(token)
+        forged = ".".join([_b64(header), _b64({**claims, "models": [ECHO]}), token.split(".")[2]])
+        for bad, code in ((forged, "invalid_token"), ("not-a-jwt", "invalid_api_key")):
+            r = post(bad)
+            assert r.status_code == 401, r.text
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert r.json()["error"]["code"] == code
+    finally:
+        serve.delete("sso-gateway")
