@@ -187,42 +187,29 @@ _UNSUPPORTED: dict[str, Any] = {
 }
 # Accepted without effect on the answer: request metadata.
 _ACCEPTED = frozenset({"metadata"})
+#: vLLM's sampling parameters: both model engines pass them on (vllm) or apply them in the batch (hf: its per-request
+#: logits processor, serve/engines/_processors.py)
+SAMPLING_PARAMS = frozenset(
+    {
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "top_k",
+        "min_p",
+        "min_tokens",
+        "ignore_eos",
+        "logit_bias",
+        "response_format",
+    }
+)
+#: logprobs: vLLM's own; on hf the model's own, scored beside the batch (serve/engines/_scoring.py)
+LOGPROB_PARAMS = frozenset({"logprobs", "top_logprobs"})
 # What each engine honours beyond the declared fields: these are passed to it as given (vLLM validates them and
 # answers 400 for a bad value, e.g. a malformed JSON schema). ``n``, prompt lists and ``echo`` are every engine's
 # (the model server runs one engine request per choice); tools are honoured by none yet.
 ENGINE_PARAMS: dict[str, frozenset[str]] = {
-    # hf: logprobs are the model's own, scored beside the batch (serve/engines/_scoring.py); the sampling parameters
-    # are per-request logits processors inside the continuous batch (serve/engines/_processors.py)
-    "hf": frozenset(
-        {
-            "logprobs",
-            "top_logprobs",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-            "top_k",
-            "min_p",
-            "min_tokens",
-            "ignore_eos",
-            "logit_bias",
-            "response_format",
-        }
-    ),
-    "vllm": frozenset(
-        {
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-            "top_k",
-            "min_p",
-            "min_tokens",
-            "ignore_eos",
-            "logit_bias",
-            "response_format",
-            "logprobs",
-            "top_logprobs",
-        }
-    ),
+    "hf": SAMPLING_PARAMS | LOGPROB_PARAMS,
+    "vllm": SAMPLING_PARAMS | LOGPROB_PARAMS,
 }
 
 

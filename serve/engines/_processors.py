@@ -3,7 +3,7 @@
 transformers' continuous batching samples every request of a step at once, with per-request temperature and top-p
 (its ``ContinuousBatchingLogitsProcessor`` classes). This module adds one processor of the same kind, first in the
 manager's list (before temperature, so a greedy request with penalties takes the argmax of its penalised logits),
-for what vLLM's sampling parameters add (:data:`PARAMS`):
+for what vLLM's sampling parameters add (``protocol.SAMPLING_PARAMS``):
 
 - ``presence_penalty``, ``frequency_penalty`` (generated tokens) and ``repetition_penalty`` (prompt and generated
   tokens), as vLLM defines them; ``logit_bias`` (token id → -100..100); ``min_tokens`` (end of sequence masked until
@@ -41,21 +41,6 @@ from transformers.generation.continuous_batching.cb_logits_processors import Con
 from slipway.serve.engines.base import EngineError, EngineRequest
 
 log = logging.getLogger(__name__)
-
-#: what this module honours (``protocol.ENGINE_PARAMS["hf"]``)
-PARAMS = frozenset(
-    {
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "top_k",
-        "min_p",
-        "min_tokens",
-        "ignore_eos",
-        "logit_bias",
-        "response_format",
-    }
-)
 
 
 @dataclass(frozen=True)
