@@ -44,7 +44,9 @@ BUDGET = {
 def _token() -> str:
     import jwt
 
-    return jwt.encode({"sub": "multinode", "exp": int(time.time()) + 3600}, JWT_SECRET, algorithm="HS256")
+    # a token grants only the models it names (deny by default)
+    claims = {"sub": "multinode", "models": ["echo"], "exp": int(time.time()) + 3600}
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
 def _replicas(timeout_s: float) -> list[dict[str, Any]]:
