@@ -13,6 +13,9 @@ is added). What the manager does not do is done here:
   requests run at a temperature of 1e-7, which makes the softmax one-hot (their output equals ``generate``'s
   greedy output token for token, tested); vLLM's penalties, top-k, min-p, min_tokens, ignore_eos, logit_bias and
   JSON output (xgrammar) are one more per-request processor ahead of temperature (:mod:`._processors`);
+- **LoRA adapters** per request (``EngineRequest.adapter``), in the same batch as base requests: loaded and
+  unloaded at runtime between two steps (:meth:`HFEngine.load_adapter`), applied to each request's own token rows
+  (:mod:`._adapters`);
 - **a dead manager** (its loop failed) answers its in-flight requests with 500s, and the next request starts a
   new one (``restarts`` counts them);
 - **shutdown**: the manager's thread is a daemon and :meth:`close` stops it.
@@ -30,6 +33,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from slipway.serve.engines._adapters import Adapters
 from slipway.serve.engines._processors import Sampling
 from slipway.serve.engines._scoring import Scorer, ScoreState, embed
 from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, StopScanner, TokenizedEngine
@@ -76,6 +80,8 @@ class HFEngine(TokenizedEngine):
         self._step_size = 0  # requests in the last engine step
         self._scorer: Scorer | None = None  # logprobs, for the requests that ask (see _scoring)
         self._model_lock = threading.Lock()
+        self.adapters = Adapters(model, self._model_lock)  # LoRA adapters per request, in the same batch
+        self._adapter_scorers: dict[str, Scorer] = {}
         vocab = model.config.get_text_config().vocab_size
         self.sampling = Sampling(tokenizer, vocab_size=vocab, eos=self.eos)  # penalties, top-k, JSON... (_processors)
         self._start()
@@ -119,12 +125,17 @@ class HFEngine(TokenizedEngine):
             kinds = {self._streamed.get(r.state.request_id, False) for r in reqs}
             t0 = time.perf_counter()
             with self._model_lock:  # the scorer's forward passes take turns with the batch's (see _scoring)
-                inner_step()
+                self.adapters.route(reqs)  # which token rows use which adapter (see _adapters)
+                try:
+                    inner_step()
+                finally:
+                    self.adapters.clear()
             self._step_size = len(reqs)
             self.counters.step(len(reqs), len(kinds) > 1, time.perf_counter() - t0)
 
         mgr._generation_step = counted_step
         self.sampling.install(mgr)
+        self.adapters.install(mgr)
         _start_daemon(mgr)
         self._mgr = mgr
 
@@ -157,6 +168,32 @@ class HFEngine(TokenizedEngine):
             if self._mgr is not None:
                 self._mgr.continuous_batching_config.max_requests_per_batch = self.max_seqs
 
+    # ------------------------------------------------------------------ adapters
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Load the PEFT LoRA adapter saved at ``path`` under ``name``; requests naming it (``EngineRequest.adapter``)
+        run in the same batch as the others. The manager keeps running and the requests in flight are undisturbed.
+        Returns the adapter's entry in ``stats()["adapters"]``. Raises :class:`EngineError` 409 (name taken), 400
+        (an adapter this engine cannot serve; see :mod:`._adapters`)."""
+        info = await asyncio.to_thread(self.adapters.load, name, path)
+        log.info("adapter %r loaded from %s (rank %d, %d layers)", name, path, info.rank, info.layers)
+        return info.as_dict(0)
+
+    async def unload_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Unload adapter ``name``: new requests for it are refused (404) at once, the ones in flight finish, then
+        its layers are removed. Raises 404 when it is not loaded, 409 when ``timeout_s`` passes before its requests
+        have finished (it is then served again)."""
+        self.adapters.start_unload(name)
+        stop = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.adapters.in_flight(name):
+            if stop is not None and time.monotonic() > stop:
+                self.adapters.cancel_unload(name)
+                raise EngineError(409, f"adapter {name!r} still has requests in flight", param="model")
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(self.adapters.finish_unload, name)
+        self._adapter_scorers.pop(name, None)
+        log.info("adapter %r unloaded", name)
+
     def healthy(self) -> bool:
         return self._closed or _alive(self._mgr)
 
@@ -179,6 +216,8 @@ class HFEngine(TokenizedEngine):
         score = self._score_state(req, len(ids))
         mgr = self._running()
         rid = f"{req.request_id}-{uuid.uuid4().hex[:8]}"
+        if req.adapter is not None:
+            self.adapters.admit(req.adapter, rid)  # 404 for an adapter that is not loaded
         queue: asyncio.Queue[Any] = asyncio.Queue()
         sampled = req.temperature > 0
         scanner = StopScanner(req.stop)
@@ -188,7 +227,7 @@ class HFEngine(TokenizedEngine):
         done, shared = False, 0
         try:
             if req.echo:
-                yield Delta(req.prompt, 0, await self._logprobs(score, ids, None))
+                yield Delta(req.prompt, 0, await self._logprobs(score, ids, None, req.adapter))
             if sampling is not None:
                 self.sampling.table[rid] = sampling
             added = mgr.add_request(
@@ -220,7 +259,8 @@ class HFEngine(TokenizedEngine):
                 new, stopped = scanner.feed(text, final=finished)
                 lp = None
                 if score is not None:
-                    lp = await self._logprobs(score, ids + tokens, self._covered(tokens, scanner, stopped or finished))
+                    upto = self._covered(tokens, scanner, stopped or finished)
+                    lp = await self._logprobs(score, ids + tokens, upto, req.adapter)
                 if new or lp:
                     yield Delta(new, len(tokens), lp)
                 if stopped or finished:
@@ -237,6 +277,8 @@ class HFEngine(TokenizedEngine):
                     mgr.output_router.result_handlers.pop(rid, None)
                 mgr.cancel_request(rid)
                 self.counters.cancelled += 1
+            if req.adapter is not None:
+                self.adapters.release(req.adapter, rid, finished=done)
 
     def _score_state(self, req: EngineRequest, n_prompt: int) -> ScoreState | None:
         """Scoring of a request that asks for logprobs (``logprobs``: k for completions; ``logprobs: true`` with
@@ -252,20 +294,28 @@ class HFEngine(TokenizedEngine):
             raise EngineError(
                 400, f"logprobs: at most {MAX_LOGPROBS} alternatives per token, not {top}", param="logprobs"
             )
-        if self._scorer is None:
+        if req.adapter is not None:  # the adapter's own logprobs: the scorer's passes route every row to it
+            if req.adapter not in self._adapter_scorers and req.adapter in self.adapters.loaded:
+                lock: Any = self.adapters.scoring_lock(req.adapter)
+                self._adapter_scorers[req.adapter] = Scorer(self.model, self.tok, lock)
+        elif self._scorer is None:
             self._scorer = Scorer(self.model, self.tok, self._model_lock)
         return ScoreState(first=0 if req.echo else n_prompt, top=top)
 
-    async def _logprobs(self, score: ScoreState | None, ids: list[int], upto: int | None) -> dict[str, Any] | None:
+    async def _logprobs(
+        self, score: ScoreState | None, ids: list[int], upto: int | None, adapter: str | None = None
+    ) -> dict[str, Any] | None:
         """The logprobs of the tokens of ``ids`` not reported yet, ``upto`` that many (all when None), computed
-        off the event loop."""
+        off the event loop (with ``adapter``'s scorer for an adapter request)."""
         if score is None:
             return None
-        await asyncio.to_thread(self._scorer.feed, score, ids)
+        scorer = self._scorer if adapter is None else self._adapter_scorers[adapter]
+        assert scorer is not None  # made by _score_state with the request's ScoreState
+        await asyncio.to_thread(scorer.feed, score, ids)
         if upto is not None:
             upto -= score.reported
             score.reported += max(upto, 0)
-        return self._scorer.take(score, upto)
+        return scorer.take(score, upto)
 
     def _covered(self, tokens: list[int], scanner: StopScanner, ended: bool) -> int:
         """How many generated tokens the text released so far covers: all of them without stop strings; with
@@ -313,6 +363,7 @@ class HFEngine(TokenizedEngine):
             kv_cache_tokens=self.kv_cache_tokens,
             max_total_tokens=self.max_total_tokens,
             running=bool(mgr is not None and mgr.is_running()),
+            adapters=self.adapters.stats(),
         )
         return s
 
