@@ -148,6 +148,24 @@ def test_prompt_cached_by_a_base_request_is_not_reused_by_an_adapter_request(
     assert asyncio.run(main()) == [base, tuned, base, tuned]
 
 
+def test_an_adapter_request_cancelled_mid_answer_leaves_no_pages_for_base_requests(
+    engine: Any, adapters: dict[str, Path], reference: Any
+) -> None:
+    async def main() -> list[str]:
+        await engine.load_adapter("ft-a", str(adapters["ft-a"]))
+        for _ in range(3):  # the client goes away after its first tokens: the engine cancels the request
+            stream = engine.submit(_req(LONG, 40, "ft-a", stream=True))
+            async for item in stream:
+                if isinstance(item, Delta) and item.text:
+                    break
+            await stream.aclose()
+        return [(await collect(engine, _req(LONG, 8, adapter)))[0] for adapter in (None, "ft-a")]
+
+    want = [_greedy(reference, None, [LONG], 8)[0], _greedy(reference, "ft-a", [LONG], 8)[0]]
+    assert asyncio.run(main()) == want
+    assert engine.stats()["cancelled"] == 3
+
+
 def test_loading_an_adapter_while_requests_run_does_not_disturb_them(
     engine: Any, adapters: dict[str, Path], reference: Any
 ) -> None:
