@@ -74,7 +74,7 @@ def bench(name: str, rows: list[dict], batch: int) -> None:
         t = time.perf_counter()
         with reg.session() as s:
             for r in sample:  # baseline: one INSERT per row, same transaction
-                s.execute(insert(UsageRecord).values(**r))
+                s.execute(insert(UsageRecord).values({**r, "event_id": uuid.UUID(r["event_id"])}))
         single = len(sample) / (time.perf_counter() - t)
         with reg.session() as s:
             s.execute(text("DELETE FROM usage_records"))
