@@ -41,7 +41,7 @@ class EngineRequest:
     extra: tuple[tuple[str, Any], ...] = ()  # engine-specific parameters the gateway let through (vllm)
     echo: bool = False  # the prompt comes first, as a Delta of 0 completion tokens (with its logprobs if asked)
     prompt_is_tokens: bool = False  # the client sent token ids (``prompt_ids``); ``prompt`` is their decoding
-    adapter: str | None = None  # a LoRA adapter loaded in the engine: the base runs with it (hf; others ignore it)
+    adapter: str | None = None  # a LoRA adapter loaded in the engine: the base runs with it (hf; others refuse it)
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()
@@ -137,6 +137,13 @@ class Engine:
 
     def prompt_ids(self, req: EngineRequest) -> list[Any]:
         return list(req.prompt_ids) if req.prompt_ids is not None else self.encode(req.prompt)
+
+    def refuse_adapter(self, req: EngineRequest) -> None:
+        """404 for a request naming an adapter, in an engine that serves none (never its base's answer instead)."""
+        if req.adapter is not None:
+            raise EngineError(
+                404, f"the {self.name} engine serves no adapters (asked for {req.adapter!r})", param="model"
+            )
 
     def check_length(self, n_prompt: int, max_tokens: int) -> None:
         """413 before the request reaches the engine when the prompt plus ``max_tokens`` exceed the context."""

@@ -22,6 +22,7 @@ class EchoEngine(Engine):
         return text.split()  # its tokens are words
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        self.refuse_adapter(req)
         words = req.prompt.split() or ["echo"]
         self.counters.requests += 1
         scanner = StopScanner(req.stop)

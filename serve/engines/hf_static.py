@@ -40,6 +40,7 @@ class HFStaticEngine(TokenizedEngine):
             self.batch_wait_timeout_s = float(batch_wait_timeout_s)
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        self.refuse_adapter(req)
         if req.extra:  # the engine-specific parameters are the continuous engine's (serve/engines/_processors.py)
             raise EngineError(
                 400,

@@ -185,6 +185,7 @@ class VLLMEngine(TokenizedEngine):
         return self._client
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        self.refuse_adapter(req)
         self.check_length(len(self.prompt_ids(req)), req.max_tokens)
         if not self.healthy():
             self.counters.failed += 1

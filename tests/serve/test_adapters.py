@@ -289,3 +289,12 @@ def test_adapter_request_logprobs_are_the_merged_model_s(
         return got
 
     assert asyncio.run(main()) == pytest.approx(want, abs=1e-4)
+
+
+def test_an_engine_without_adapters_refuses_a_request_for_one() -> None:
+    from slipway.serve.engines.echo import EchoEngine
+
+    req = EngineRequest(request_id="a", prompt="a b", max_tokens=2, adapter="fine-tune")
+    with pytest.raises(EngineError) as e:
+        asyncio.run(collect(EchoEngine(), req))
+    assert (e.value.status, e.value.param) == (404, "model") and "serves no adapters" in str(e.value)
