@@ -70,6 +70,23 @@ class FaultInjection(Strict):
     )
 
 
+class AdapterSpec(Strict):
+    """LoRA fine-tunes of this model's live versions served on their base's replicas (no Serve application of
+    their own, no extra GPU): the ``hf`` engine loads each live adapter into every replica of its base."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Deploy a LoRA version (an adapter_config.json artifact) whose base version is live as an adapter "
+        "on the base's replicas instead of a new application; full fine-tunes keep their own. Default false.",
+    )
+    max_per_replica: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Most adapters live on one base at once; a deploy past it is refused. Default 8; 1-256.",
+    )
+
+
 class EngineSpec(Strict):
     """How the ``hf`` engine batches and sizes its KV cache (``max_batch_size`` is the most requests per step)."""
 
@@ -240,6 +257,9 @@ class ServingConfig(Document):
         default=None, description="Chaos testing only: make the version fail on purpose. Default none."
     )
     rate_limits: RateLimitDefaults = Field(default_factory=RateLimitDefaults, description="Per-key defaults.")
+    adapters: AdapterSpec = Field(
+        default_factory=AdapterSpec, description="LoRA versions served on their base's replicas. Default off."
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Response cache for temperature-0 requests.")
     device: str | None = Field(default=None, description="Torch device; default cuda when the replica has a GPU.")
     dtype: str | None = Field(default=None, description="Torch dtype name (float16, bfloat16); default the model's.")
@@ -292,6 +312,15 @@ class ServingConfig(Document):
             )
         if self.backend == "vllm" and self.engine.batching == "static":
             raise ValueError("engine.batching: static is the hf engine's; vLLM always batches continuously")
+        return self
+
+    @model_validator(mode="after")
+    def adapters_need_the_continuous_hf_engine(self) -> ServingConfig:
+        if self.adapters.enabled and (self.backend != "hf" or self.engine.batching != "continuous"):
+            raise ValueError(
+                "adapters.enabled needs backend: hf with engine.batching: continuous (the engine that loads LoRA "
+                f"adapters per request); this config has backend: {self.backend}, batching: {self.engine.batching}"
+            )
         return self
 
     def kv_cache_tokens(self, *, on_gpu: bool) -> int | None:
