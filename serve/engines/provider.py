@@ -1,0 +1,204 @@
+"""``provider``: a hosted model behind an OpenAI-compatible API (a ``Provider`` document with ``api: openai``) as an
+engine, so that a provider version is served like any version: one Serve application, the same gateway, keys,
+limits, budgets, usage rows, windows, shadows and weights.
+
+Every request is forwarded streamed (``stream_options.include_usage``), so deltas arrive as the upstream sends
+them and the usage row carries the upstream's own token counts. Chat requests go to ``/chat/completions`` with
+their messages as given (no local chat template), prompts to ``/completions``. The upstream's answers map to the
+gateway's statuses:
+
+- 400/404/413/422: the caller's request (400, or 413 for a context too long) with the upstream's message;
+- 429: 429 with the upstream's ``Retry-After`` (seconds) carried to the client;
+- 401/403: 502: the provider refused slipway's credentials, an operator's fault, never the caller's;
+- 5xx, a connection failure, a stream cut before its usage: 502; no first token within ``first_token_s`` or an
+  answer past ``total_s``: 504.
+
+The key is read when the engine starts from the document's reference (``${ENV_VAR}`` or ``vault://``) and is
+never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish
+
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+class UpstreamError(EngineError):
+    """An upstream's refusal; ``retry_after`` (seconds) when it said when to come back."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(status, message)
+        self.retry_after = retry_after
+
+
+def resolve_secret(ref: str | None) -> str | None:
+    """The value a ``${ENV_VAR}`` or ``vault://`` reference points to (None for None)."""
+    if ref is None:
+        return None
+    m = _ENV_REF.match(ref)
+    if m:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            raise EngineError(500, f"the provider's key variable {m.group(1)} is not set in the replica's environment")
+        return value
+    from slipway import secrets
+
+    return secrets.resolve(ref)
+
+
+class ProviderEngine(Engine):
+    """Requests forwarded to an OpenAI-compatible upstream (``doc``: a ``Provider`` with ``api: openai``)."""
+
+    name = "provider"
+
+    def __init__(self, doc: Any, *, transport: Any = None) -> None:
+        super().__init__()
+        if doc.api != "openai":
+            raise ValueError(f"provider {doc.name}: the provider engine speaks api openai, not {doc.api}")
+        self.doc = doc
+        self._key = resolve_secret(doc.api_key)
+        self._transport = transport
+        self._client: Any = None
+
+    def encode(self, text: str) -> list[Any]:
+        # The upstream's tokenizer is not here: whitespace words are a lower bound on its tokens, so slipway's own
+        # prompt bound never refuses what the upstream accepts (the upstream enforces its context itself).
+        return text.split()
+
+    def _http(self) -> Any:
+        import httpx
+
+        if self._client is None:
+            t = self.doc.timeouts
+            headers = {}
+            if self._key is not None:
+                name = self.doc.auth_header
+                headers[name] = f"Bearer {self._key}" if name.lower() == "authorization" else self._key
+            self._client = httpx.AsyncClient(
+                base_url=self.doc.base_url.rstrip("/") + "/",
+                headers=headers,
+                timeout=httpx.Timeout(t.first_token_s, connect=t.connect_s),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                transport=self._transport,
+            )
+        return self._client
+
+    def body(self, req: EngineRequest) -> tuple[str, dict[str, Any]]:
+        """The upstream path and JSON body for ``req``."""
+        body: dict[str, Any] = {
+            "model": self.doc.model,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if req.seed is not None:
+            body["seed"] = req.seed
+        body.update(dict(req.extra))
+        if req.messages:
+            return "chat/completions", body | {"messages": [dict(m) for m in req.messages]}
+        return "completions", body | {"prompt": req.prompt}
+
+    async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        self.refuse_adapter(req)
+        limits = self.doc.limits
+        if limits.max_tokens is not None and req.max_tokens > limits.max_tokens:
+            raise EngineError(400, f"max_tokens {req.max_tokens} exceeds this provider's limit of {limits.max_tokens}")
+        if limits.max_prompt_bytes is not None and len(req.prompt.encode()) > limits.max_prompt_bytes:
+            raise EngineError(413, f"the prompt is more than this provider's {limits.max_prompt_bytes} bytes")
+        path, body = self.body(req)
+        self.counters.requests += 1
+        total = self.doc.timeouts.total_s
+        left = req.time_left()
+        budget = total if left is None else min(total, left)
+        if budget <= 0:
+            self.counters.timed_out += 1
+            raise EngineError(504, "the request ran past its deadline before reaching the provider")
+        try:
+            async with asyncio.timeout(budget):
+                async for item in self._events(path, body, chat=path.startswith("chat")):
+                    yield item
+        except TimeoutError:
+            self.counters.timed_out += 1
+            raise EngineError(504, f"the provider did not finish within {budget:g}s") from None
+
+    async def _events(self, path: str, body: dict[str, Any], *, chat: bool) -> AsyncIterator[Delta | Finish]:
+        import httpx
+
+        sent, reason = 0, None
+        t0 = time.perf_counter()
+        try:
+            async with self._http().stream("POST", path, json=body) as r:
+                if r.status_code != 200:
+                    raise self._refusal(r.status_code, (await r.aread()).decode(errors="replace"), r.headers)
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:  # an error event mid-stream
+                        raise UpstreamError(502, f"the provider failed mid-stream: {_message(json.dumps(ev))}")
+                    for ch in ev.get("choices") or ():
+                        text = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                        if text:
+                            sent += 1
+                            yield Delta(text, sent)
+                        reason = ch.get("finish_reason") or reason
+                    usage = ev.get("usage")
+                    if usage:
+                        self.counters.finished += 1
+                        self.counters.busy_s += time.perf_counter() - t0
+                        yield Finish(reason or "stop", int(usage["prompt_tokens"]), int(usage["completion_tokens"]))
+                        return
+        except httpx.TimeoutException:
+            self.counters.timed_out += 1
+            raise EngineError(504, f"the provider sent nothing for {self.doc.timeouts.first_token_s:g}s") from None
+        except httpx.HTTPError as e:
+            self.counters.failed += 1
+            raise UpstreamError(502, f"the provider could not be reached: {type(e).__name__}") from e
+        self.counters.failed += 1
+        raise UpstreamError(502, "the provider's stream ended before its usage (cut)")
+
+    def _refusal(self, status: int, text: str, headers: Any) -> EngineError:
+        self.counters.failed += 1
+        message = f"the provider answered {status}: {_message(text)}"
+        if status == 429:
+            return UpstreamError(429, message, retry_after=_seconds(headers.get("retry-after")))
+        if status in (400, 404, 422):
+            return UpstreamError(400, message)
+        if status == 413:
+            return UpstreamError(413, message)
+        return UpstreamError(502, message)  # 401/403: slipway's credentials; 5xx: the provider's fault
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        return super().stats() | {"provider": self.doc.name, "upstream": self.doc.base_url}
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: not honoured (clients retry after the gateway's own Retry-After)
+
+
+def _message(text: str) -> str:
+    try:
+        err = json.loads(text).get("error")
+        return str((err.get("message") if isinstance(err, dict) else err) or text)[:300]
+    except (ValueError, AttributeError):
+        return text[:300]
