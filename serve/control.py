@@ -92,12 +92,17 @@ def deploy_version(
     uri: str | None = None,
     sha256: str | None = None,
     registry: Registry | None = None,
+    adapter_of: int | None = None,
+    adapter_timeout_s: float = 60.0,
 ) -> str:
     """Start ``model:version`` as its own Serve application and add it to the routing table.
 
     It gets weight 0 — or 1 when it is the model's first live version. The artifact comes from the registry
-    unless ``uri`` is given (or the backend is ``echo``). Returns the application name. Raises
-    :class:`ControlError` when the version is already live.
+    unless ``uri`` is given (or the backend is ``echo``). A LoRA adapter (``adapter_config.json``) whose base
+    version — the registry's lineage, or ``adapter_of`` — is live with ``adapters.enabled`` gets no application:
+    every replica of its base loads it, and this returns once all of them hold it (``adapter_timeout_s``).
+    Returns the application name serving it. Raises :class:`ControlError` when the version is already live, or
+    an adapter is refused (sha256 mismatch, too many adapters, not loaded in time).
     """
     from ray import serve
 
@@ -114,6 +119,12 @@ def deploy_version(
         from slipway.llm.checkpoint import version_artifact
 
         _ref, uri, sha256 = version_artifact(registry, f"{model}:{version}")
+    if uri is not None and cfg.backend == "hf":
+        base = adapter_base(model, version, table, uri=uri, sha256=sha256, registry=registry, adapter_of=adapter_of)
+        if base is not None:
+            return _deploy_adapter(
+                model, version, base, table, uri=uri, sha256=sha256, registry=registry, timeout_s=adapter_timeout_s
+            )
     if registry is not None:
         _record_deployment(registry, model, version, name, cfg)
     try:
@@ -126,6 +137,114 @@ def deploy_version(
     if registry is not None:
         _set_status(registry, name, "live")
     return name
+
+
+def adapter_base(
+    model: str,
+    version: int,
+    table: dict[str, Any],
+    *,
+    uri: str,
+    sha256: str | None,
+    registry: Registry | None,
+    adapter_of: int | None = None,
+) -> str | None:
+    """The live base version (as the table's key) that serves ``model:version`` as an adapter, or None when it
+    takes an application of its own: a full model, a base not live or without ``adapters.enabled``. The
+    artifact is fetched and checked against ``sha256`` here, so a tampered adapter is refused before any
+    replica sees it (:class:`ControlError`)."""
+    from slipway.artifacts import ChecksumMismatch
+    from slipway.llm.checkpoint import local_dir
+
+    entry = table.get(model)
+    if entry is None or not ServingConfig.model_validate(entry["config"]).adapters.enabled:
+        return None
+    base = adapter_of
+    if base is None and registry is not None:
+        from slipway.registry import catalog
+
+        with registry.session() as s:
+            mv = catalog.resolve(s, f"{model}:{version}")
+            parent = mv.base_version
+            if parent is not None and parent.model.name == model:
+                base = parent.version
+    e = entry["versions"].get(str(base)) if base is not None else None
+    if e is None or e["state"] != "live" or "adapter" in e:
+        return None
+    try:
+        path = local_dir(uri, sha256=sha256)
+    except ChecksumMismatch as err:
+        if registry is not None:
+            cfg = ServingConfig.model_validate(entry["config"])
+            _record_deployment(registry, model, version, _app_name(model, version), cfg, replicas=0, num_gpus=0.0)
+            _set_status(registry, _app_name(model, version), "failed")
+        log.error("%s:%s: adapter %s refused: %s", model, version, uri, err)
+        raise ControlError(f"{model}:{version}: adapter refused, its artifact fails the sha256 check: {err}") from err
+    return str(base) if (path / "adapter_config.json").is_file() else None
+
+
+def _app_name(model: str, version: int) -> str:
+    from slipway.serve.model_server import app_name
+
+    return app_name(model, version)
+
+
+def _deploy_adapter(
+    model: str,
+    version: int,
+    base: str,
+    table: dict[str, Any],
+    *,
+    uri: str,
+    sha256: str | None,
+    registry: Registry | None,
+    timeout_s: float = 60.0,
+) -> str:
+    entry = table[model]
+    cfg = ServingConfig.model_validate(entry["config"])
+    base_app = entry["versions"][base]["app"]
+    on_base = [e for e in entry["versions"].values() if "adapter" in e and e["app"] == base_app]
+    if len(on_base) >= cfg.adapters.max_per_replica:
+        raise ControlError(
+            f"{model}:{version}: {base_app} already serves {len(on_base)} adapters "
+            f"(adapters.max_per_replica is {cfg.adapters.max_per_replica})"
+        )
+    name = _app_name(model, version)  # the adapter's name on the replicas, and its deployment record's
+    if registry is not None:
+        _record_deployment(registry, model, version, name, cfg, replicas=0, num_gpus=0.0)
+    spec = {"name": name, "uri": uri, "sha256": sha256, "base": int(base)}
+    store = _store()
+    _get(store.put_version.remote(model, version, base_app, cfg.model_dump(mode="json"), spec))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        e = _get(store.snapshot.remote())[1][model]["versions"][str(version)]
+        running = _running_replicas(base_app)
+        if e["state"] == "failed" or time.monotonic() > deadline:
+            reason = e.get("error") or f"not on every replica of {base_app} within {timeout_s:g}s"
+            _get(store.drop_version.remote(model, version))
+            if registry is not None:
+                _set_status(registry, name, "failed")
+            raise ControlError(f"{model}:{version}: adapter refused: {reason}")
+        if running and len(e["holders"]) >= running:
+            break
+        time.sleep(0.05)
+    if registry is not None:
+        _set_status(registry, name, "live")
+    return base_app
+
+
+def _running_replicas(app: str) -> int:
+    from ray import serve
+
+    a = serve.status().applications.get(app)
+    if a is None:
+        return 0
+    return sum(
+        n
+        for d in a.deployments.values()
+        for k, n in dict(d.replica_states).items()
+        if str(k.value if hasattr(k, "value") else k) == "RUNNING"
+    )
 
 
 def set_weights(
@@ -192,6 +311,9 @@ def remove_version(
     e = vs.get(str(version))
     if e is None:
         raise ControlError(f"{model}:{version} is not deployed")
+    riders = sorted(v for v, x in vs.items() if "adapter" in x and x["app"] == e["app"] and v != str(version))
+    if "adapter" not in e and riders:
+        raise ControlError(f"{model}:{version} serves adapter versions {', '.join(riders)}; remove them first")
     others = sum(x["weight"] for v, x in vs.items() if v != str(version) and x["state"] == "live")
     if e["weight"] > 0 and others <= 0:
         raise ControlError(f"{model}:{version} carries all traffic; move its weight to another version first")
@@ -200,11 +322,16 @@ def remove_version(
         set_weights(model, w, reason=f"remove version {version}", registry=registry)
     _get(store.set_state.remote(model, version, "draining"))
     if registry is not None:
-        _set_status(registry, e["app"], "draining")
+        _set_status(registry, e.get("adapter", {}).get("name", e["app"]), "draining")
     deadline = time.monotonic() + drain_timeout_s
     time.sleep(0.3)  # a request routed just before the change reaches the in-flight counts
     while time.monotonic() < deadline and _get(store.inflight_total.remote(model, version)) > 0:
         time.sleep(0.1)
+    if "adapter" in e:  # the base's replicas unload it (after draining) when it leaves the table
+        _get(store.drop_version.remote(model, version))
+        if registry is not None:
+            _set_status(registry, e["adapter"]["name"], "removed")
+        return
     serve.delete(e["app"])
     _get(store.drop_version.remote(model, version))
     if registry is not None:
@@ -238,7 +365,14 @@ def version_health(model: str, version: int) -> tuple[bool, str]:
 
     from slipway.serve.model_server import app_name
 
-    app = serve.status().applications.get(app_name(model, version))
+    _rev, table = _get(_store().snapshot.remote())
+    e = table.get(model, {}).get("versions", {}).get(str(version))
+    if e is not None and "adapter" in e:  # healthy when its base is, and no replica refused it
+        if e["state"] == "failed":
+            return False, f"adapter refused: {e.get('error')}"
+        app = serve.status().applications.get(e["app"])
+    else:
+        app = serve.status().applications.get(app_name(model, version))
     if app is None:
         return False, "no Serve application"
     for name, d in app.deployments.items():
@@ -267,13 +401,42 @@ def status() -> dict[str, Any]:
                 for d, ds in a.deployments.items()
             },
         }
-    return {
-        "applications": apps,
-        "models": {
-            m: {v: {k: e[k] for k in ("app", "weight", "shadow", "state")} for v, e in t["versions"].items()}
-            for m, t in table.items()
-        },
-    }
+    models: dict[str, Any] = {}
+    for m, t in table.items():
+        models[m] = {}
+        riders = {e["app"] for e in t["versions"].values() if "adapter" in e}
+        infos = {app: _replica_infos(app) for app in riders}
+        for v, e in t["versions"].items():
+            row = {k: e[k] for k in ("app", "weight", "shadow", "state")}
+            spec = e.get("adapter")
+            row["adapter_of"] = spec["base"] if spec else None
+            if e["app"] in infos:  # which replicas of the shared application run it
+                held = [i for i in infos[e["app"]] if spec is None or spec["name"] in i.get("adapters", {})]
+                row["replicas"] = sorted(f"{i['replica']} (pid {i['pid']})" for i in held)
+            if e.get("error"):
+                row["error"] = e["error"]
+            models[m][v] = row
+    return {"applications": apps, "models": models}
+
+
+def _replica_infos(app: str) -> list[dict[str, Any]]:
+    """``ModelServer.info()`` of each running replica of ``app`` (a handle call reaches one replica: ask until
+    every running replica has answered, or a bounded number of calls)."""
+    from ray import serve
+
+    from slipway.serve.model_server import DEPLOYMENT_NAME
+
+    want = _running_replicas(app)
+    if not want:
+        return []
+    h = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app)
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(8 * want):
+        info = h.info.remote().result(timeout_s=10)
+        seen[info["replica"]] = info
+        if len(seen) >= want:
+            break
+    return list(seen.values())
 
 
 def _entry(table: dict[str, Any], model: str) -> dict[str, Any]:
@@ -282,7 +445,17 @@ def _entry(table: dict[str, Any], model: str) -> dict[str, Any]:
     return table[model]
 
 
-def _record_deployment(registry: Registry, model: str, version: int, name: str, cfg: ServingConfig) -> None:
+def _record_deployment(
+    registry: Registry,
+    model: str,
+    version: int,
+    name: str,
+    cfg: ServingConfig,
+    *,
+    replicas: int | None = None,
+    num_gpus: float | None = None,
+) -> None:
+    """Record the deployment; an adapter on its base's replicas records 0 replicas and 0 GPUs of its own."""
     from slipway.registry import deployments
 
     with registry.session() as s:
@@ -291,10 +464,14 @@ def _record_deployment(registry: Registry, model: str, version: int, name: str, 
             model=model,
             version=version,
             app_name=name,
-            replicas=cfg.num_replicas or (cfg.autoscaling.min_replicas if cfg.autoscaling else 1),
-            num_gpus=cfg.ray_actor_options.num_gpus,
+            replicas=replicas if replicas is not None else _replica_count(cfg),
+            num_gpus=num_gpus if num_gpus is not None else cfg.ray_actor_options.num_gpus,
             config=cfg.model_dump(mode="json"),
         )
+
+
+def _replica_count(cfg: ServingConfig) -> int:
+    return cfg.num_replicas or (cfg.autoscaling.min_replicas if cfg.autoscaling else 1)
 
 
 def _set_status(registry: Registry, name: str, status: str) -> None:

@@ -30,12 +30,21 @@ UNKNOWN_MODEL = "(unknown)"
 
 @dataclass(frozen=True)
 class Route:
-    """Where one request goes: a live version of a model, its Serve application and serving config."""
+    """Where one request goes: a live version of a model, its Serve application and serving config; for an
+    adapter version, the application is its base's and ``adapter`` the LoRA adapter its replicas run it with."""
 
     model: str
     version: str
     app: str
     config: ServingConfig
+    adapter: str | None = None
+
+    def payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload`` as this route's model server takes it: naming the adapter of an adapter version (a shadow
+        gets the payload of the request it mirrors, so the adapter is set per route, at sending)."""
+        if self.adapter is None:
+            return payload
+        return {**payload, "adapter": self.adapter}
 
 
 class RoutingTable:
@@ -61,7 +70,8 @@ class RoutingTable:
         return model if model in self.table else UNKNOWN_MODEL
 
     def route(self, model: str, version: str) -> Route:
-        return Route(model, version, self.table[model]["versions"][version]["app"], self.configs[model])
+        e = self.table[model]["versions"][version]
+        return Route(model, version, e["app"], self.configs[model], (e.get("adapter") or {}).get("name"))
 
     def choose(self, model: str, sticky: str | None, rng: random.Random) -> Route | None:
         """The version serving this request (sticky by ``sticky`` while weights hold), or None when none has weight."""
@@ -122,6 +132,7 @@ class Dispatcher:
         from ray.serve.exceptions import BackPressureError
 
         cfg, timeout_s = route.config, route.config.request_timeout_s
+        payload = route.payload(payload)
         if not cfg.coalesce:
             resp = self.handle(route.app).generate.remote(payload)
             fut: Any = await_ref(resp)
@@ -164,7 +175,7 @@ class Dispatcher:
         from ray.serve.exceptions import BackPressureError
 
         timeout_s = route.config.request_timeout_s
-        resp = self.handle(route.app).embed.remote(payload)
+        resp = self.handle(route.app).embed.remote(route.payload(payload))
         try:
             out = await asyncio.wait_for(await_ref(resp), timeout_s)
         except TimeoutError:
@@ -176,7 +187,7 @@ class Dispatcher:
 
     def stream(self, route: Route, payload: dict[str, Any]) -> Any:
         """The version's streaming generator (never coalesced)."""
-        return self.handle(route.app).options(stream=True).stream.remote(payload)
+        return self.handle(route.app).options(stream=True).stream.remote(route.payload(payload))
 
     async def shadow(self, route: Route, payload: dict[str, Any]) -> None:
         """Send a mirrored copy to ``route``; its answer is discarded, its outcome recorded (no usage row)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 import uuid
@@ -57,8 +58,15 @@ class ModelServer:
         self._healthy = True
         self.batch_settings: dict[str, Any] = {}
         self.reconfigure(self.cfg.batch_settings())
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.adapters: dict[str, int] = {}  # adapter versions this replica's engine holds: name -> version
         self._follow: asyncio.Task[None] | None = None
         if follow_store:
+            if self.cfg.adapters.enabled:  # the live adapters are loaded before the replica takes any traffic
+                from slipway.serve.store import get_store
+
+                _rev, table = await get_store().snapshot.remote()
+                await self._sync_adapters(table)
             self._follow = asyncio.get_running_loop().create_task(self._follow_store())
 
     def __del__(self) -> None:
@@ -78,11 +86,49 @@ class ModelServer:
                 cfg = table.get(self.model, {}).get("config")
                 if cfg:
                     self.reconfigure(ServingConfig.model_validate(cfg).batch_settings())
+                if self.cfg.adapters.enabled:
+                    await self._sync_adapters(table)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("weight store unreachable; retrying")
                 await asyncio.sleep(1.0)
+
+    async def _sync_adapters(self, table: dict[str, Any]) -> None:
+        """Make the engine hold exactly the adapter versions the weight store lists on this replica's application
+        (live or draining): unload the removed ones (after their requests finish), load the new ones. An adapter
+        whose artifact fails its sha256 check (or that the engine cannot serve) is never loaded: the version is
+        reported failed, which takes it out of traffic on every gateway."""
+        from slipway.llm.checkpoint import local_dir
+        from slipway.serve.store import get_store
+
+        entry = table.get(self.model)
+        if entry is None:  # a restarted store knows nothing until a gateway restores it: keep what is loaded
+            return
+        mine, store = app_name(self.model, self.version), get_store()
+        want: dict[str, tuple[int, dict[str, Any]]] = {}
+        for v, e in entry["versions"].items():
+            spec = e.get("adapter")
+            if spec and e["app"] == mine and e["state"] in ("live", "draining"):
+                want[spec["name"]] = (int(v), spec)
+        for name, version in list(self.adapters.items()):
+            if name not in want:
+                await self.engine.unload_adapter(name)  # new requests refused, those in flight finish first
+                del self.adapters[name]
+                await store.adapter_unloaded.remote(self.model, version, self.replica)
+        for name, (version, spec) in want.items():
+            if name in self.adapters:
+                continue
+            try:
+                path = await asyncio.to_thread(local_dir, spec["uri"], sha256=spec.get("sha256"))
+                await self.engine.load_adapter(name, str(path))
+            except Exception as e:
+                reason = f"{self.model}:{version} adapter {spec['uri']} refused: {type(e).__name__}: {e}"
+                log.error("%s", reason)
+                await store.adapter_failed.remote(self.model, version, reason)
+                continue
+            self.adapters[name] = version
+            await store.adapter_loaded.remote(self.model, version, self.replica, os.getpid())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply new batch settings in place (Serve calls this on a ``user_config`` change; no restart)."""
@@ -103,8 +149,6 @@ class ModelServer:
             self.engine.revive()
 
     def info(self) -> dict[str, Any]:
-        import os
-
         import ray
 
         ctx = ray.get_runtime_context()
@@ -112,7 +156,8 @@ class ModelServer:
             "model": self.model,
             "version": self.version,
             "backend": self.cfg.backend,
-            "replica": serve.get_replica_context().replica_id.unique_id,
+            "replica": self.replica,
+            "adapters": dict(self.adapters),
             "pid": os.getpid(),
             "node_id": ctx.get_node_id(),
             "first_fault_at": self.first_fault_at,
@@ -208,11 +253,13 @@ class ModelServer:
         started = f is not None and time.monotonic() - self.started >= f.after_s
         if started and random.random() < f.wrong_answer_rate:  # chaos: a fluent-looking wrong answer, status 200
             out = {**out, "text": out["text"][::-1]}
-        return {**out, "version": self.version}
+        return {**out, "version": self.adapters.get(req.get("adapter") or "", self.version)}
 
     async def embed(self, req: dict[str, Any]) -> dict[str, Any]:
         """Embeddings of ``req["inputs"]`` (texts or token lists): ``{embeddings, prompt_tokens, version}``, or an
         error answer (the engine's 400 when it does not embed, 413 for an input past ``max_prompt_tokens``)."""
+        if req.get("adapter"):  # the engine embeds with the base's layers only: never the base's vectors instead
+            return _error(400, f"{self.model}: an adapter version does not embed", "model")
         fault = await self._fault()
         if fault is not None:
             return fault
@@ -311,7 +358,7 @@ class ModelServer:
                     "finish_reason": item.finish_reason,
                     "prompt_tokens": item.prompt_tokens,
                     "completion_tokens": item.completion_tokens,
-                    "version": self.version,
+                    "version": self.adapters.get(req.get("adapter") or "", self.version),
                     "batch_size": item.batch_size,
                 }
                 return

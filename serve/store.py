@@ -62,12 +62,43 @@ class WeightStore:
         self.rev = max(self.rev, rev)
         return self._bump()
 
-    def put_version(self, model: str, version: int, app: str, config: dict[str, Any]) -> int:
-        """Add a live version with weight 0 (weight 1 when it is the model's only version)."""
+    def put_version(
+        self, model: str, version: int, app: str, config: dict[str, Any], adapter: dict[str, Any] | None = None
+    ) -> int:
+        """Add a live version with weight 0 (weight 1 when it is the model's only version). An ``adapter``
+        version (``{name, uri, sha256, base}``) is served by its base's application ``app``, whose replicas load
+        it; the model's config stays the base's."""
         m = self.models.setdefault(model, {"config": config, "versions": {}})
-        m["config"] = config
+        if adapter is None:
+            m["config"] = config
         first = not any(e["state"] == "live" for e in m["versions"].values())
-        m["versions"][str(version)] = {"app": app, "weight": 1.0 if first else 0.0, "shadow": 0.0, "state": "live"}
+        e = {"app": app, "weight": 1.0 if first else 0.0, "shadow": 0.0, "state": "live"}
+        if adapter is not None:
+            e["adapter"] = dict(adapter)
+            e["holders"] = {}
+        m["versions"][str(version)] = e
+        return self._bump()
+
+    def adapter_loaded(self, model: str, version: int, replica: str, pid: int) -> int:
+        """A base replica holds the adapter version now (read by ``control.deploy_version`` and status)."""
+        e = self.models.get(model, {}).get("versions", {}).get(str(version))
+        if e is None or "adapter" not in e or e["holders"].get(replica) == pid:
+            return self.rev
+        e["holders"][replica] = pid
+        return self._bump()
+
+    def adapter_unloaded(self, model: str, version: int, replica: str) -> int:
+        e = self.models.get(model, {}).get("versions", {}).get(str(version))
+        if e is None or e.get("holders", {}).pop(replica, None) is None:
+            return self.rev
+        return self._bump()
+
+    def adapter_failed(self, model: str, version: int, reason: str) -> int:
+        """A replica refused the adapter (its artifact failed the sha256 check): the version takes no traffic."""
+        e = self.models.get(model, {}).get("versions", {}).get(str(version))
+        if e is None or e["state"] == "failed":
+            return self.rev
+        e["state"], e["weight"], e["shadow"], e["error"] = "failed", 0.0, 0.0, reason
         return self._bump()
 
     def set_weights(self, model: str, weights: dict[str, float], shadow: dict[str, float]) -> int:

@@ -58,7 +58,8 @@ def engine_request(
     req: dict[str, Any], prompt: str, *, stream: bool, request_id: str, prompt_ids: list[Any] | None = None
 ) -> EngineRequest:
     """The engine's view of a gateway payload (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
-    ``deadline``); ``prompt_ids`` when the prompt has been tokenized already."""
+    ``deadline``, ``adapter``: the LoRA adapter of an adapter version); ``prompt_ids`` when the prompt has been
+    tokenized already."""
     return EngineRequest(
         request_id=request_id,
         prompt=prompt,
@@ -73,4 +74,5 @@ def engine_request(
         extra=tuple(sorted((req.get("extra") or {}).items())),
         echo=bool(req.get("echo")),
         prompt_is_tokens=isinstance(req.get("prompt"), list),
+        adapter=req.get("adapter"),
     )

@@ -120,7 +120,8 @@ def serve_up(
 
 @serve_app.command("status")
 def serve_status(as_json: JsonOpt = False) -> None:
-    """Base URL, models, live versions with weights, and replica states."""
+    """Base URL, models, live versions with weights, and replica states; an adapter version shows the base
+    version it runs on and (``--json``: ``adapter_of``, ``replicas``) which of the base's replicas hold it."""
     from slipway.serve import control, local
 
     local.connect(start=False)
@@ -139,7 +140,7 @@ def serve_status(as_json: JsonOpt = False) -> None:
                 [
                     m,
                     v,
-                    e["app"],
+                    e["app"] + (f" (adapter of v{e['adapter_of']})" if e.get("adapter_of") is not None else ""),
                     e["state"],
                     f"{e['weight']:.2f}",
                     f"{e['shadow']:.2f}",
