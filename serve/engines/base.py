@@ -213,6 +213,24 @@ class TokenizedEngine(Engine):
         return super().render_chat(messages)
 
 
+def openai_body(req: EngineRequest, model: str) -> dict[str, Any]:
+    """The OpenAI-shaped body forwarding ``req`` to an upstream that speaks the API (a vLLM server, a provider):
+    always streamed, with the usage in the last chunk; the prompt or messages are the caller's to add."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if req.stop:
+        body["stop"] = list(req.stop)
+    if req.seed is not None:
+        body["seed"] = req.seed
+    return body
+
+
 async def collect(engine: Engine, req: EngineRequest) -> tuple[str, Finish]:
     """A non-streaming answer: the request's whole text and its Finish."""
     parts: list[str] = []

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish
+from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, openai_body
 
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -94,19 +94,7 @@ class ProviderEngine(Engine):
 
     def body(self, req: EngineRequest) -> tuple[str, dict[str, Any]]:
         """The upstream path and JSON body for ``req``."""
-        body: dict[str, Any] = {
-            "model": self.doc.model,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if req.stop:
-            body["stop"] = list(req.stop)
-        if req.seed is not None:
-            body["seed"] = req.seed
-        body.update(dict(req.extra))
+        body = openai_body(req, self.doc.model) | dict(req.extra)
         if req.messages:
             return "chat/completions", body | {"messages": [dict(m) for m in req.messages]}
         return "completions", body | {"prompt": req.prompt}

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, TokenizedEngine
+from slipway.serve.engines.base import Delta, EngineError, EngineRequest, Finish, TokenizedEngine, openai_body
 
 log = logging.getLogger(__name__)
 
@@ -190,19 +190,8 @@ class VLLMEngine(TokenizedEngine):
         if not self.healthy():
             self.counters.failed += 1
             raise EngineError(500, "the vLLM server is down; a new one is starting")
-        body: dict[str, Any] = {
-            "model": self.cfg.model,
-            "prompt": list(req.prompt_ids) if req.prompt_is_tokens and req.prompt_ids else req.prompt,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if req.stop:
-            body["stop"] = list(req.stop)
-        if req.seed is not None:
-            body["seed"] = req.seed
+        body = openai_body(req, self.cfg.model)
+        body["prompt"] = list(req.prompt_ids) if req.prompt_is_tokens and req.prompt_ids else req.prompt
         if req.echo:
             body["echo"] = True  # vLLM sends the prompt first (and its logprobs, when asked for)
         extra = dict(req.extra)  # penalties, top_k, min_p, min_tokens, ignore_eos, response_format, logprobs

@@ -58,17 +58,6 @@ def reference(tiny_model_dir: Path, adapters: dict[str, Path]) -> dict[str | Non
     return refs
 
 
-@pytest.fixture
-def engine(tiny_model_dir: Path) -> Any:
-    from slipway.llm.checkpoint import load_causal_lm
-    from slipway.serve.engines.hf import HFEngine
-
-    model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
-    eng = HFEngine(model, tok, max_seqs=16, max_batch_tokens=256, kv_cache_tokens=4096, page_size=32)
-    yield eng
-    eng.close_now()
-
-
 def _greedy(reference: dict[str | None, Any], adapter: str | None, prompts: list[str], n: int) -> list[str]:
     from slipway.llm.generate import generate
 

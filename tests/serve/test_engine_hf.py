@@ -21,24 +21,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Any:
-    from slipway.llm.checkpoint import load_causal_lm
-
-    return load_causal_lm(str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture
-def engine(tiny_model_dir: Path) -> Any:
-    from slipway.llm.checkpoint import load_causal_lm
-    from slipway.serve.engines.hf import HFEngine
-
-    model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
-    eng = HFEngine(model, tok, max_seqs=16, max_batch_tokens=256, kv_cache_tokens=4096, page_size=32)
-    yield eng
-    eng.close_now()
-
-
 def _req(prompt: str, n: int = 12, **kw: Any) -> EngineRequest:
     return EngineRequest(request_id=f"t{abs(hash((prompt, n, str(kw)))) % 10**8}", prompt=prompt, max_tokens=n, **kw)
 

@@ -5,7 +5,6 @@ requests share the batch."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,24 +12,6 @@ import pytest
 from slipway.serve.engines import Delta, EngineError, EngineRequest, Finish, merge_logprobs
 
 PROMPT = "the quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Any:
-    from slipway.llm.checkpoint import load_causal_lm
-
-    return load_causal_lm(str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture
-def engine(tiny_model_dir: Path) -> Any:
-    from slipway.llm.checkpoint import load_causal_lm
-    from slipway.serve.engines.hf import HFEngine
-
-    model, tok = load_causal_lm(str(tiny_model_dir), device="cpu")
-    eng = HFEngine(model, tok, max_seqs=16, max_batch_tokens=256, kv_cache_tokens=4096, page_size=32)
-    yield eng
-    eng.close_now()
 
 
 def _req(rid: str, prompt: str = PROMPT, n: int = 8, **extra: Any) -> EngineRequest:
