@@ -298,6 +298,21 @@ def reconfigure(model: str, **changes: Any) -> ServingConfig:
     return cfg
 
 
+def _riders(vs: dict[str, Any], version: int) -> list[str]:
+    """The adapter versions served on ``version``'s application (none when it is an adapter itself)."""
+    e = vs.get(str(version))
+    if e is None or "adapter" in e:
+        return []
+    return sorted(v for v, x in vs.items() if "adapter" in x and x["app"] == e["app"] and v != str(version))
+
+
+def adapter_riders(model: str, version: int) -> list[int]:
+    """Adapter versions served on ``model:version``'s replicas: while there are any its application stays, at
+    whatever weight (a promoted adapter keeps its base deployed at weight 0)."""
+    _rev, table = _get(_store().snapshot.remote())
+    return [int(v) for v in _riders(table.get(model, {}).get("versions", {}), version)]
+
+
 def remove_version(
     model: str, version: int, *, drain_timeout_s: float = 30.0, registry: Registry | None = None
 ) -> None:
@@ -311,8 +326,8 @@ def remove_version(
     e = vs.get(str(version))
     if e is None:
         raise ControlError(f"{model}:{version} is not deployed")
-    riders = sorted(v for v, x in vs.items() if "adapter" in x and x["app"] == e["app"] and v != str(version))
-    if "adapter" not in e and riders:
+    riders = _riders(vs, version)
+    if riders:
         raise ControlError(f"{model}:{version} serves adapter versions {', '.join(riders)}; remove them first")
     others = sum(x["weight"] for v, x in vs.items() if v != str(version) and x["state"] == "live")
     if e["weight"] > 0 and others <= 0:

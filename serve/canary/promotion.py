@@ -90,8 +90,9 @@ def promote(
     then retire the old champion — after ``bake_s`` seconds in which its application stays deployed at
     weight 0 (Argo Rollouts' ``scaleDownDelaySeconds``). ``bake_check`` is asked every second of the bake
     and returns why the candidate fails, or None; a failure puts production and traffic back on the champion
-    at once, marks the candidate rejected and raises :class:`PromotionError`. Raises :class:`AliasConflict`
-    if production moved meanwhile."""
+    at once, marks the candidate rejected and raises :class:`PromotionError`. An old champion whose replicas
+    serve adapter versions (a promoted adapter's base) is not retired: it stays deployed at weight 0, and no
+    weights move to a new application. Raises :class:`AliasConflict` if production moved meanwhile."""
     with reg.session() as s:
         leases.renew(s, model=model, holder=holder)
         champ = _production(s, model)
@@ -125,7 +126,10 @@ def promote(
                     f"{model}:{candidate} failed during the {bake_s:g} s bake ({failure}); production is back on "
                     f"{model}:{previous}"
                 )
-        if champion_live:
+        hosts = control.adapter_riders(model, previous) if champion_live else []
+        if hosts:  # the old champion's replicas serve adapter versions (the candidate, maybe): they stay, at weight 0
+            log.info("%s:%s stays deployed at weight 0: it serves adapter versions %s", model, previous, hosts)
+        elif champion_live:
             control.remove_version(model, previous, drain_timeout_s=drain_timeout_s, registry=reg)
     return {"production": candidate, "previous": previous}
 

@@ -328,3 +328,33 @@ def test_removing_an_adapter_version_unloads_it_from_every_replica_and_keeps_the
     )
     assert set(after) == set(before) and f"{MODEL}-v1" in _apps()
     assert [lora.complete(p).json()["choices"][0]["text"] for p in PROMPTS] == reference[1]
+
+
+def test_promoting_an_adapter_keeps_its_base_deployed_at_weight_0_and_moves_no_weights_to_a_new_application(
+    lora: Lora, reference
+) -> None:
+    """Runs after the removal test: v2 is deployed again as an adapter of v1 (production), then promoted."""
+    from slipway.registry import catalog, leases
+    from slipway.serve import control
+    from slipway.serve.canary import promotion
+
+    reg = lora.stack.registry
+    control.deploy_version(MODEL, 2, config=_cfg(), registry=reg)
+    holder = promotion.holder_id("adapter-promotion")
+    with reg.session() as s:
+        if catalog.find_alias(s, MODEL, "production") is None:
+            catalog.set_alias(s, model=MODEL, alias="production", version=1, expected=None)
+        leases.acquire(s, model=MODEL, holder=holder)
+    apps, replicas = _apps(), _replicas(f"{MODEL}-v1")
+    try:
+        out = promotion.promote(reg, control, model=MODEL, candidate=2, holder=holder, drain_timeout_s=2)
+        assert out == {"production": 2, "previous": 1}
+        weights = control.get_weights(MODEL)["weights"]
+        assert weights.get("2") == 1.0 and not weights.get("1")
+        assert _apps() == apps and set(_replicas(f"{MODEL}-v1")) == set(replicas)  # the base stays, nothing new
+        assert [lora.complete(p).json()["choices"][0]["text"] for p in PROMPTS] == reference[2]
+        with reg.session() as s:
+            assert catalog.get_alias(s, MODEL, "production").version.version == 2
+    finally:
+        with reg.session() as s:
+            leases.release(s, model=MODEL, holder=holder)

@@ -70,6 +70,9 @@ class FakeServing:
         self.weights.pop(str(version), None)
         self.removed.append(int(version))
 
+    def adapter_riders(self, model, version):
+        return []  # this double serves full versions only (adapters: tests/serve/test_adapter_serving.py)
+
     def set_breaker(self, model, version, consecutive_errors):
         self.breakers[str(version)] = consecutive_errors
 
