@@ -274,6 +274,16 @@ def set_weights(
     return {"weights": w, "shadow": s}
 
 
+def serving_target(model: str, version: int) -> tuple[str, str | None]:
+    """Where ``model:version`` is answered: its Serve application, and the adapter it names there (None for a
+    version with an application of its own)."""
+    _rev, table = _get(_store().snapshot.remote())
+    e = table.get(model, {}).get("versions", {}).get(str(version))
+    if e is None:
+        return _app_name(model, version), None
+    return e["app"], (e.get("adapter") or {}).get("name")
+
+
 def get_weights(model: str) -> dict[str, Any]:
     """``{"weights": {"3": 0.9, ...}, "shadow": {...}, "apps": {...}}`` of the live versions."""
     _rev, table = _get(_store().snapshot.remote())

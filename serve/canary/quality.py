@@ -20,10 +20,11 @@ from slipway.policies.evalsuite import EvalSuite, GenerationParams
 
 
 class ServeTarget:
-    """A live version's Serve application as an evaluation target (generation only)."""
+    """A live version's Serve application as an evaluation target (generation only); an adapter version is its
+    base's application with the adapter named in every request."""
 
-    def __init__(self, app: str, *, timeout_s: float = 60.0) -> None:
-        self.name, self.app, self.timeout_s = app, app, timeout_s
+    def __init__(self, app: str, *, adapter: str | None = None, timeout_s: float = 60.0) -> None:
+        self.name, self.app, self.adapter, self.timeout_s = adapter or app, app, adapter, timeout_s
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[Generated]:
         from ray import serve
@@ -43,6 +44,7 @@ class ServeTarget:
                     "seed": params.seed,
                     "deadline": time.time() + self.timeout_s,
                 }
+                | ({"adapter": self.adapter} if self.adapter else {})  # an adapter version: on its base's replicas
             )
             for p in prompts
         ]  # sent together: the server batches them
@@ -82,7 +84,7 @@ class QualityProbe:
         now = time.monotonic()
         if self._last is not None and now - self._last[0] < self.min_interval_s:
             return self._last[1]
-        from slipway.serve.model_server import app_name
+        from slipway.serve.control import serving_target
 
         out: dict[str, float] = {}
         for m in self.metrics:
@@ -90,7 +92,8 @@ class QualityProbe:
             scoped = suite.model_copy(update={"metrics": [s for s in suite.metrics if s.name == m.metric]})
             examples = self._sample(suite, m.sample)
             for role, version in (("", controller.candidate), ("champion:", controller.champion)):
-                res = run_suite(ServeTarget(app_name(controller.model, version)), scoped, examples)
+                app, adapter = serving_target(controller.model, version)
+                res = run_suite(ServeTarget(app, adapter=adapter), scoped, examples)
                 out[f"{role}{m.metric}"] = float(res.aggregates.get(str(m.metric), 0.0))
         self.probes += 1
         self._last = (now, out)

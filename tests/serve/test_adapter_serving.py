@@ -358,3 +358,18 @@ def test_promoting_an_adapter_keeps_its_base_deployed_at_weight_0_and_moves_no_w
     finally:
         with reg.session() as s:
             leases.release(s, model=MODEL, holder=holder)
+
+
+def test_the_canary_s_quality_probe_reaches_an_adapter_version_on_its_base_s_replicas(lora: Lora, reference) -> None:
+    """The probe scores each version where it is answered: v2 (an adapter, promoted above) on v1's application."""
+    from slipway.policies.evalsuite import GenerationParams
+    from slipway.serve.canary.quality import ServeTarget
+    from slipway.serve.control import serving_target
+
+    params = GenerationParams(max_new_tokens=N, temperature=0.0)
+    app, adapter = serving_target(MODEL, 2)
+    assert (app, adapter) == (f"{MODEL}-v1", f"{MODEL}-v2")
+    assert [g.text for g in ServeTarget(app, adapter=adapter).generate(PROMPTS, params)] == reference[2]
+    base_app, none = serving_target(MODEL, 1)
+    assert (base_app, none) == (f"{MODEL}-v1", None)
+    assert [g.text for g in ServeTarget(base_app, adapter=none).generate(PROMPTS, params)] == reference[1]
