@@ -34,6 +34,29 @@ def _latest_run(reg: Any, pipeline: str) -> Any:
         return found[0] if found else None
 
 
+def _kept_by_the_gate(reg: Any, run: Any) -> bool:
+    """A run the gate stopped while production already holds a fine-tune of the base: what a second ``make demo``
+    does by design (its candidate must beat the fine-tune promoted by the first). Says so, and how to start over."""
+    from slipway.registry import catalog
+
+    failed = [st for st in run.steps if st.status == "failed"]
+    if [st.name for st in failed] != ["gate"]:
+        return False
+    with reg.session() as s:
+        prod = catalog.resolve(s, "tiny-base@production")
+        if prod.base_version_id is None:  # production is still the base: a refusal there is a real failure
+            return False
+        ref = prod.ref
+    console.rule("[bold]promote-demo: production kept")
+    console.print(
+        f"The gate refused this run's candidate: it is not better than {ref}, the fine-tune an earlier demo "
+        f"promoted, and the gate asks for superiority.\n{failed[0].error}\nProduction stays on {ref}. "
+        "`rm -rf .slipway` (or another SLIPWAY_HOME) runs the demo from the start; `slipway serve up` serves "
+        "production again."
+    )
+    return True
+
+
 def summary(reg: Any, run: Any) -> None:
     from slipway.registry import catalog, keys
 
@@ -109,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_promote:
         _cli("run", "promote-demo")
         run = _latest_run(reg, "promote-demo")
-        if run is None or run.status != "succeeded":
+        if run is not None and run.status != "succeeded" and _kept_by_the_gate(reg, run):
+            pass  # a second demo: its candidate is not better than the fine-tune already in production
+        elif run is None or run.status != "succeeded":
             console.print(f"[bold red]promote-demo did not succeed[/]: {run.error if run else 'no run'}")
             return 1
-        summary(reg, run)
+        else:
+            summary(reg, run)
     if args.sabotage:
         console.rule("[bold]rollback drill: a candidate that breaks mid-canary")
         _cli("run", "promote-sabotaged")
