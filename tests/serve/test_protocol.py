@@ -114,19 +114,22 @@ def test_an_engine_without_a_parameter_refuses_it_and_names_the_engines_that_hav
     assert "(the hf and vllm engines honour it)" in str(e.value)
 
 
+# Every sampling parameter at a value that changes the answer (the defaults are not passed on).
+SAMPLING = {
+    "presence_penalty": 0.5,
+    "frequency_penalty": 1.0,
+    "repetition_penalty": 1.2,
+    "top_k": 5,
+    "min_p": 0.1,
+    "min_tokens": 3,
+    "ignore_eos": True,
+    "logit_bias": {"7": -100},
+}
+
+
 def test_the_vllm_engine_is_passed_the_sampling_parameters_it_honours():
-    extra = {
-        "presence_penalty": 0.5,
-        "frequency_penalty": 1.0,
-        "repetition_penalty": 1.2,
-        "top_k": 5,
-        "min_p": 0.1,
-        "min_tokens": 3,
-        "ignore_eos": True,
-        "logit_bias": {"7": -100},
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}},
-        "logprobs": 2,
-    }
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string"}}}
+    extra = SAMPLING | {"response_format": schema, "logprobs": 2}
     body = p.CompletionRequest.model_validate(BASE | extra | {"tool_choice": "none", "top_logprobs": 0})
     assert p.refuse_unsupported(body, "vllm") == extra  # defaults are not passed on
     for shape_changing in ({"best_of": 2}, {"tools": [{"type": "function"}]}):
@@ -136,17 +139,7 @@ def test_the_vllm_engine_is_passed_the_sampling_parameters_it_honours():
 
 
 def test_the_hf_engine_is_passed_the_sampling_parameters_it_honours():
-    extra = {
-        "presence_penalty": 0.5,
-        "frequency_penalty": 1.0,
-        "repetition_penalty": 1.2,
-        "top_k": 5,
-        "min_p": 0.1,
-        "min_tokens": 3,
-        "ignore_eos": True,
-        "logit_bias": {"7": -100},
-        "response_format": {"type": "json_object"},
-    }
+    extra = SAMPLING | {"response_format": {"type": "json_object"}}
     body = p.CompletionRequest.model_validate(BASE | extra)
     assert p.refuse_unsupported(body, "hf") == extra  # validated by the engine (serve/engines/_processors.py)
 
