@@ -2,6 +2,9 @@
 
 Shaped after Argo Rollouts (``- setWeight: 10``, ``- pause``) and Flagger's metric checks
 (``{name, thresholdRange: {min|max}}``), with bounds relative to the champion measured in the same window.
+With ``analysis.sequential`` each metric that declares a ``min_difference`` is also judged by an always-valid
+sequential test (:mod:`slipway.sequential`) on the candidate's difference from the champion, with the stated
+error rate ``alpha``; ``quality`` metrics may be scored on pairs of live answers by a declared ``judge``.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from slipway.policies.kinds import DocRef, Document, Strict, register_kind
 
@@ -34,6 +37,97 @@ class RelativeBound(Strict):
     )
 
 
+class ChecksJudge(Strict):
+    """Reference-free checks of each answer on its own: a pair scores 1 for an answer that passes them all, else 0,
+    for the candidate and for the champion alike."""
+
+    valid_json: bool = Field(default=False, description="The answer must parse as JSON. Default false.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="The answer must be JSON matching this JSON Schema (implies valid_json). Default none.",
+    )
+    refusal: bool = Field(
+        default=False, description='An answer that refuses ("I can\'t help with that" ...) fails. Default false.'
+    )
+    min_chars: int | None = Field(default=None, ge=0, description="Shortest answer that passes, in characters.")
+    max_chars: int | None = Field(default=None, ge=1, description="Longest answer that passes, in characters.")
+    pii: bool = Field(
+        default=False, description="An answer containing an e-mail, phone, card or IBAN number fails. Default false."
+    )
+
+    @field_validator("json_schema")
+    @classmethod
+    def schema_is_a_json_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            import jsonschema
+
+            try:
+                jsonschema.Draft202012Validator.check_schema(v)
+            except jsonschema.SchemaError as e:
+                raise ValueError(f"not a valid JSON Schema: {e.message}") from None
+        return v
+
+    @model_validator(mode="after")
+    def checks_something_and_lengths_are_ordered(self) -> ChecksJudge:
+        if not (self.valid_json or self.json_schema or self.refusal or self.pii) and (
+            self.min_chars is None and self.max_chars is None
+        ):
+            raise ValueError("checks needs at least one of valid_json, json_schema, refusal, min_chars, max_chars, pii")
+        if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}")
+        return self
+
+
+class AgreementJudge(Strict):
+    """Agreement with the champion's answer to the same request, the champion taken as right: a pair's difference
+    is 1 where the candidate disagrees. For candidates meant to answer as the champion does (a new engine,
+    quantisation, hardware, a distilled copy) under greedy decoding."""
+
+    method: Literal["exact", "normalized", "similarity"] = Field(
+        default="normalized",
+        description="exact: same text; normalized: same after case-folding, collapsing whitespace and dropping "
+        "punctuation; similarity: difflib's ratio of the normalised texts at least `threshold`. Default normalized.",
+    )
+    threshold: float = Field(
+        default=0.9, gt=0, le=1, description="similarity: the ratio (0-1] counted as agreeing. Default 0.9."
+    )
+
+
+class LlmJudge(Strict):
+    """A model the gateway serves compares the two answers of each pair under a rubric (pairwise, like
+    MT-Bench's judge). With ``position_swap`` it is asked twice, the answers in both orders, and a win counts only
+    when both orders agree (a tie otherwise), which removes the judge's bias for a position."""
+
+    model: str = Field(min_length=1, description="A model served by the gateway (its production version judges).")
+    rubric: str = Field(min_length=1, description="What makes an answer better, in words the judge model reads.")
+    position_swap: bool = Field(
+        default=True, description="Ask in both orders; count only consistent wins. Default true."
+    )
+    max_tokens: int = Field(default=8, ge=1, le=512, description="Tokens of the judge's verdict. Default 8.")
+
+
+class JudgeSpec(Strict):
+    """How each pair of live answers is scored: exactly one of ``checks``, ``agreement`` or ``llm``."""
+
+    checks: ChecksJudge | None = Field(default=None, description="Reference-free checks of each answer.")
+    agreement: AgreementJudge | None = Field(default=None, description="Agreement with the champion's answer.")
+    llm: LlmJudge | None = Field(default=None, description="A judge model with a rubric, position-swapped.")
+    sample: float = Field(
+        default=1.0, gt=0, le=1, description="Share (0-1] of the pairs this judge scores. Default 1 (all)."
+    )
+
+    @model_validator(mode="after")
+    def exactly_one_judge(self) -> JudgeSpec:
+        chosen = [k for k in ("checks", "agreement", "llm") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"a judge is exactly one of checks, agreement or llm (got {', '.join(chosen) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("checks", "agreement", "llm") if getattr(self, k) is not None)
+
+
 class AnalysisMetric(Strict):
     name: Literal[
         "error_rate", "latency_p50", "latency_p90", "latency_p99", "ttft_p50", "ttft_p90", "ttft_p99", "quality"
@@ -45,14 +139,76 @@ class AnalysisMetric(Strict):
     )
     metric: str | None = Field(default=None, description="quality: the suite's metric used as the score.")
     sample: int = Field(default=8, ge=1, le=256, description="quality: examples probed per window. Default 8.")
+    judge: JudgeSpec | None = Field(
+        default=None,
+        description="quality: score pairs of live answers (the same request answered by both versions) with this "
+        "judge instead of probing a suite. Needs analysis.sequential. Default none.",
+    )
+    min_difference: float | None = Field(
+        default=None,
+        gt=0,
+        description="Sequential analysis: the smallest regression (candidate minus champion, in the metric's unit: "
+        "a rate for error_rate and quality, ms for latency and TTFT) that matters. The candidate is rolled back once "
+        "it is shown worse at all, promoted once shown worse by less than this. Needs analysis.sequential. "
+        "Default none (fixed bounds only).",
+    )
 
     @model_validator(mode="after")
-    def has_a_bound_and_quality_has_its_suite(self) -> AnalysisMetric:
-        if self.thresholdRange is None and self.relative is None:
-            raise ValueError(f"metric {self.name} needs thresholdRange and/or relative")
-        if self.name == "quality" and (self.suite is None or self.metric is None):
-            raise ValueError("quality needs `suite` and `metric`")
+    def has_a_bound_and_quality_has_its_source(self) -> AnalysisMetric:
+        if self.name == "quality":
+            if self.judge is None and (self.suite is None or self.metric is None):
+                raise ValueError("quality needs `suite` and `metric` (probes) or `judge` (live pairs)")
+            if self.judge is not None and self.suite is not None:
+                raise ValueError("quality takes `suite` (probes) or `judge` (live pairs), not both")
+            if self.judge is not None and self.min_difference is None:
+                raise ValueError("quality with a `judge` needs `min_difference` (it is judged sequentially)")
+        elif self.judge is not None or self.suite is not None:
+            raise ValueError(f"`judge` and `suite` belong to quality metrics, not {self.name}")
+        if self.thresholdRange is None and self.relative is None and self.min_difference is None:
+            raise ValueError(f"metric {self.name} needs thresholdRange, relative and/or min_difference")
+        if self.min_difference is not None and self.name in ("error_rate", "quality") and self.min_difference >= 1:
+            raise ValueError(f"min_difference of {self.name} is a rate: below 1, not {self.min_difference:g}")
         return self
+
+    @property
+    def label(self) -> str:
+        """The metric's name in verdicts and explanations: ``quality.<judge>`` for a judged quality metric."""
+        return f"quality.{self.judge.kind}" if self.judge is not None else self.name
+
+
+class SequentialSpec(Strict):
+    """Always-valid sequential analysis (a normal-mixture confidence sequence, looked at every interval): each
+    metric with a ``min_difference`` stops as soon as its evidence decides, with the stated error rates."""
+
+    alpha: float = Field(
+        default=0.05,
+        gt=0,
+        le=0.5,
+        description="Chance of rolling back a candidate as good as the champion (and of promoting one worse by "
+        "min_difference), however often it is looked at. Default 0.05; (0, 0.5].",
+    )
+    max_samples: int = Field(
+        default=2000,
+        ge=10,
+        le=10_000_000,
+        description="Per metric, samples (pairs, or request pairs for error_rate) after which its look is "
+        "inconclusive. Default 2000; 10-10,000,000.",
+    )
+    pair_share: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="During weighted steps, share (0-1] of each version's live requests the other version also "
+        "answers (the shadow path) to form pairs; during mirror steps the mirror share is used. Default 0.2.",
+    )
+    on_inconclusive: Literal["rollback", "promote"] = Field(
+        default="rollback", description="What an inconclusive metric (max_samples reached) does. Default rollback."
+    )
+    promote_early: bool = Field(
+        default=True,
+        description="Complete the rollout (skip the remaining steps) as soon as every sequential metric shows "
+        "non-inferiority. Default true.",
+    )
 
 
 class Analysis(Strict):
@@ -67,6 +223,29 @@ class Analysis(Strict):
         default=2, ge=1, le=100, description="Consecutive failed windows that trigger rollback. Default 2."
     )
     metrics: list[AnalysisMetric] = Field(min_length=1, description="Checks applied to every window.")
+    sequential: SequentialSpec | None = Field(
+        default=None,
+        description="Judge metrics with a min_difference by a sequential test with stated error rates, besides "
+        "their fixed bounds (which stay as guards). Default none.",
+    )
+
+    @model_validator(mode="after")
+    def sequential_metrics_have_a_test(self) -> Analysis:
+        wanting = [m.label for m in self.metrics if m.min_difference is not None or m.judge is not None]
+        if wanting and self.sequential is None:
+            raise ValueError(f"{', '.join(wanting)}: min_difference and judge need `sequential` (alpha, max_samples)")
+        labels = [m.label for m in self.metrics]
+        twice = sorted({x for x in labels if labels.count(x) > 1 and x.startswith("quality.")})
+        if twice:
+            raise ValueError(f"one metric per judge kind: {', '.join(twice)} declared twice")
+        if self.sequential is not None and not any(m.min_difference is not None for m in self.metrics):
+            raise ValueError("`sequential` needs at least one metric with a min_difference")
+        return self
+
+    @property
+    def sequential_metrics(self) -> list[AnalysisMetric]:
+        """The metrics a sequential test judges (those with a ``min_difference``)."""
+        return [m for m in self.metrics if m.min_difference is not None]
 
 
 class Breaker(Strict):

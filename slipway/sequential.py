@@ -71,8 +71,8 @@ class SequentialTest:
         min_variance: float | None = None,
         rho: float | None = None,
     ) -> None:
-        if not 0.0 < alpha < 0.5:
-            raise ValueError(f"alpha must be in (0, 0.5), not {alpha}")
+        if not 0.0 < alpha <= 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5], not {alpha}")
         if min_difference <= 0:
             raise ValueError(f"min_difference must be positive, not {min_difference}")
         if max_samples < 1:
@@ -96,6 +96,18 @@ class SequentialTest:
         delta = difference - self._mean
         self._mean += delta / self.n
         self._m2 += delta * (difference - self._mean)
+
+    def add_many(self, n: int, mean: float, variance: float) -> None:
+        """``n`` more differences at once, given their mean and sample variance (Chan et al.'s merge of Welford
+        sums): how a window's counts enter, e.g. errors of ``n`` candidate requests against ``n`` of the
+        champion's, without a list of them."""
+        if n <= 0:
+            return
+        total = self.n + n
+        delta = mean - self._mean
+        self._m2 += variance * (n - 1) + delta * delta * self.n * n / total
+        self._mean += delta * n / total
+        self.n = total
 
     @property
     def variance(self) -> float:

@@ -67,7 +67,7 @@ def _quality_probe(ctx: StepContext, plan: Any) -> Any:
     """Online evaluation for the plan's ``quality`` metrics (None when it has none)."""
     from slipway.serve.canary.quality import QualityProbe
 
-    names = {str(m.suite) for m in plan.analysis.metrics if m.name == "quality"}
+    names = {str(m.suite) for m in plan.analysis.metrics if m.name == "quality" and m.suite is not None}
     if not names:
         return None
     return QualityProbe(plan, {n: ctx.documents.get("EvalSuite", n) for n in names})

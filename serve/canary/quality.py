@@ -63,7 +63,7 @@ class QualityProbe:
     the last result in between, so a 1-second analysis interval does not generate answers every second."""
 
     def __init__(self, plan: CanaryPlan, suites: dict[str, EvalSuite], *, min_interval_s: float | None = None):
-        self.metrics: list[AnalysisMetric] = [m for m in plan.analysis.metrics if m.name == "quality"]
+        self.metrics: list[AnalysisMetric] = [m for m in plan.analysis.metrics if m.name == "quality" and m.suite is not None]
         self.suites = suites
         self.min_interval_s = plan.analysis.window_s / 2 if min_interval_s is None else min_interval_s
         self._examples: dict[str, list[Example]] = {}

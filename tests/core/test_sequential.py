@@ -70,12 +70,28 @@ def test_a_decision_once_reached_stands_and_the_last_look_is_inconclusive():
     ("kw", "message"),
     [
         ({"alpha": 0.0}, "alpha must be in"),
-        ({"alpha": 0.5}, "alpha must be in"),
+        ({"alpha": 0.6}, "alpha must be in"),
         ({"min_difference": 0.0}, "min_difference must be positive"),
         ({"max_samples": 0}, "max_samples must be at least 1"),
     ],
-    ids=["alpha-zero", "alpha-half", "no-difference", "no-samples"],
+    ids=["alpha-zero", "alpha-above-half", "no-difference", "no-samples"],
 )
 def test_settings_that_cannot_state_an_error_rate_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         SequentialTest(**({"alpha": 0.05, "min_difference": 0.1, "max_samples": 100} | kw))
+
+
+def test_a_batch_of_differences_counts_as_its_pairs_one_by_one():
+    """add_many (what the controller does with a window's request counts) merges mean and variance exactly."""
+    values = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 1.0, 1.0]
+    one = SequentialTest(alpha=0.05, min_difference=0.1, max_samples=1000)
+    for v in values:
+        one.add(v)
+    batched = SequentialTest(alpha=0.05, min_difference=0.1, max_samples=1000)
+    batched.add(values[0])
+    rest = values[1:]
+    mean = sum(rest) / len(rest)
+    batched.add_many(len(rest), mean, sum((v - mean) ** 2 for v in rest) / (len(rest) - 1))
+    assert batched.n == one.n
+    assert batched.look().estimate == pytest.approx(one.look().estimate)
+    assert batched.variance == pytest.approx(one.variance)
