@@ -52,7 +52,7 @@ class ChecksJudge(Strict):
     min_chars: int | None = Field(default=None, ge=0, description="Shortest answer that passes, in characters.")
     max_chars: int | None = Field(default=None, ge=1, description="Longest answer that passes, in characters.")
     pii: bool = Field(
-        default=False, description="An answer containing an e-mail, phone, card or IBAN number fails. Default false."
+        default=False, description="An answer holding an e-mail, phone, card or SSN-like number fails. Default false."
     )
 
     @field_validator("json_schema")
