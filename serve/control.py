@@ -123,7 +123,15 @@ def deploy_version(
         base = adapter_base(model, version, table, uri=uri, sha256=sha256, registry=registry, adapter_of=adapter_of)
         if base is not None:
             return _deploy_adapter(
-                model, version, base, table, uri=uri, sha256=sha256, registry=registry, timeout_s=adapter_timeout_s
+                model,
+                version,
+                base,
+                table,
+                uri=uri,
+                sha256=sha256,
+                registry=registry,
+                timeout_s=adapter_timeout_s,
+                fault=cfg.fault_injection,
             )
     if registry is not None:
         _record_deployment(registry, model, version, name, cfg)
@@ -199,6 +207,7 @@ def _deploy_adapter(
     sha256: str | None,
     registry: Registry | None,
     timeout_s: float = 60.0,
+    fault: Any = None,
 ) -> str:
     entry = table[model]
     cfg = ServingConfig.model_validate(entry["config"])
@@ -213,6 +222,8 @@ def _deploy_adapter(
     if registry is not None:
         _record_deployment(registry, model, version, name, cfg, replicas=0, num_gpus=0.0)
     spec = {"name": name, "uri": uri, "sha256": sha256, "base": int(base)}
+    if fault is not None:  # a rollback drill (the candidate's config): the replicas fail this adapter's requests only
+        spec["fault_injection"] = fault.model_dump(mode="json")
     store = _store()
     _get(store.put_version.remote(model, version, base_app, cfg.model_dump(mode="json"), spec))
     deadline = time.monotonic() + timeout_s

@@ -290,6 +290,10 @@ def up(
     if ingress not in INGRESS_ENV:
         raise ServeError(f"unknown ingress {ingress!r}; choose one of {', '.join(INGRESS_ENV)}")
     started = connect(start=True, ingress=ingress)
+    listening = _serve_http()  # a Serve already running keeps its HTTP address (a test session's, say)
+    if listening is not None and (host, port) != listening:
+        log.info("Serve already runs on %s:%d; using it", *listening)
+        host, port = listening
     serve.start(http_options={"host": host, "port": port})
     base = f"http://{host}:{port}"
     state = read_state()
@@ -309,6 +313,17 @@ def up(
         )  # fmt: skip
     wait_ready(base, {m for m, _v, _c in targets}, timeout_s=timeout_s)
     return {"base_url": base, "models": {m: v for m, v, _c in targets}, "started_ray": started, "ingress": running}
+
+
+def _serve_http() -> tuple[str, int] | None:
+    """Host and port of the running Serve's HTTP proxies; None when no Serve runs on this Ray."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    cfg = client.http_config
+    return (cfg.host or "127.0.0.1"), int(cfg.port)
 
 
 def wait_ready(base: str, models: set[str], *, timeout_s: float) -> None:

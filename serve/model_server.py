@@ -19,7 +19,7 @@ from typing import Any
 
 from ray import serve
 
-from slipway.policies.servingconfig import ServingConfig
+from slipway.policies.servingconfig import FaultInjection, ServingConfig
 from slipway.serve.engines import Delta, Engine, EngineError, build_engine, engine_request, merge_logprobs
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class ModelServer:
         self.reconfigure(self.cfg.batch_settings())
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.adapters: dict[str, int] = {}  # adapter versions this replica's engine holds: name -> version
+        self.adapter_faults: dict[str, tuple[Any, float]] = {}  # name -> (its fault injection, loaded at)
         self._follow: asyncio.Task[None] | None = None
         if follow_store:
             if self.cfg.adapters.enabled:  # the live adapters are loaded before the replica takes any traffic
@@ -107,14 +108,17 @@ class ModelServer:
             return
         mine, store = app_name(self.model, self.version), get_store()
         want: dict[str, tuple[int, dict[str, Any]]] = {}
+        faults: dict[str, Any] = {}
         for v, e in entry["versions"].items():
             spec = e.get("adapter")
             if spec and e["app"] == mine and e["state"] in ("live", "draining"):
                 want[spec["name"]] = (int(v), spec)
+                faults[spec["name"]] = spec.get("fault_injection")
         for name, version in list(self.adapters.items()):
             if name not in want:
                 await self.engine.unload_adapter(name)  # new requests refused, those in flight finish first
                 del self.adapters[name]
+                self.adapter_faults.pop(name, None)
                 await store.adapter_unloaded.remote(self.model, version, self.replica)
         for name, (version, spec) in want.items():
             if name in self.adapters:
@@ -128,6 +132,8 @@ class ModelServer:
                 await store.adapter_failed.remote(self.model, version, reason)
                 continue
             self.adapters[name] = version
+            if faults.get(name):  # a rollback drill of an adapter candidate: its requests alone suffer the fault
+                self.adapter_faults[name] = (FaultInjection.model_validate(faults[name]), time.monotonic())
             await store.adapter_loaded.remote(self.model, version, self.replica, os.getpid())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -191,17 +197,25 @@ class ModelServer:
             return _error(413, f"prompt has {n} tokens; {self.model} accepts at most {most}")
         return prompt, ids
 
-    async def _fault(self) -> dict[str, Any] | None:
+    def _fault_of(self, adapter: str | None) -> tuple[Any, float]:
+        """The fault injection a request is subject to and when its clock started: an adapter version's own (its
+        candidate config in the weight store, from when this replica loaded it), else this replica's."""
+        if adapter and adapter in self.adapter_faults:
+            return self.adapter_faults[adapter]
+        return self.cfg.fault_injection, self.started
+
+    async def _fault(self, adapter: str | None = None) -> dict[str, Any] | None:
         """The configured fault, if this request is to suffer it (chaos testing)."""
-        f = self.cfg.fault_injection
-        if f is None or time.monotonic() - self.started < f.after_s:
+        f, started = self._fault_of(adapter)
+        if f is None or time.monotonic() - started < f.after_s:
             return None
         if f.extra_latency_ms:
             await asyncio.sleep(f.extra_latency_ms / 1000.0)
         if f.error_rate and random.random() < f.error_rate:
             if self.first_fault_at is None:
                 self.first_fault_at = time.time()
-            return _error(500, f"{self.model}:{self.version}: injected fault")
+            version = self.adapters.get(adapter or "", self.version)
+            return _error(500, f"{self.model}:{version}: injected fault")
         return None
 
     async def generate(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +230,7 @@ class ModelServer:
         return failed if failed is not None else merge_choices(outs, int(req.get("n") or 1))
 
     async def _generate_one(self, req: dict[str, Any]) -> dict[str, Any]:
-        fault = await self._fault()
+        fault = await self._fault(req.get("adapter"))
         if fault is not None:
             return fault
         prepared = self._prepare(req)
@@ -249,8 +263,8 @@ class ModelServer:
         except Exception as e:
             log.exception("generation failed")
             return _error(500, f"generation failed: {type(e).__name__}")
-        f = self.cfg.fault_injection
-        started = f is not None and time.monotonic() - self.started >= f.after_s
+        f, since = self._fault_of(req.get("adapter"))
+        started = f is not None and time.monotonic() - since >= f.after_s
         if started and random.random() < f.wrong_answer_rate:  # chaos: a fluent-looking wrong answer, status 200
             out = {**out, "text": out["text"][::-1]}
         return {**out, "version": self.adapters.get(req.get("adapter") or "", self.version)}
@@ -329,7 +343,7 @@ class ModelServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stream_one(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        fault = await self._fault()
+        fault = await self._fault(req.get("adapter"))
         if fault is not None:
             yield fault
             return
