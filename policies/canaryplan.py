@@ -166,6 +166,8 @@ class AnalysisMetric(Strict):
             raise ValueError(f"`judge` and `suite` belong to quality metrics, not {self.name}")
         if self.thresholdRange is None and self.relative is None and self.min_difference is None:
             raise ValueError(f"metric {self.name} needs thresholdRange, relative and/or min_difference")
+        if self.min_difference is not None and self.name.startswith("ttft_"):
+            raise ValueError(f"{self.name} has no sequential test (mirrored requests are not streamed): use a bound")
         if self.min_difference is not None and self.name in ("error_rate", "quality") and self.min_difference >= 1:
             raise ValueError(f"min_difference of {self.name} is a rate: below 1, not {self.min_difference:g}")
         return self

@@ -410,3 +410,44 @@ class UsageDaily(Base):
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
     billable_prompt_tokens: Mapped[int] = mapped_column(BigInteger)  # cache hits excluded
     billable_completion_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class CanaryAnalysis(Base):
+    """One canary's sequential analysis: per metric the running estimate, confidence-sequence bounds, samples and
+    decision (``metrics``), the looks over time (``trajectory``, for the chart), and what decided the rollout."""
+
+    __tablename__ = "canary_analyses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    candidate: Mapped[int] = mapped_column(Integer)
+    champion: Mapped[int] = mapped_column(Integer)
+    plan: Mapped[str] = mapped_column(String(200))
+    alpha: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(20))  # running | completed | rolled_back
+    decided_by: Mapped[str | None] = mapped_column(Text)  # sequential | guard | breaker | deadline | plan | error
+    reason: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[list[Any]] = mapped_column(default=list)
+    trajectory: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    pairs: Mapped[int] = mapped_column(Integer, default=0)
+    pipeline_run_id: Mapped[str | None] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="SET NULL"))
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class CanaryPairScore(Base):
+    """A judged pair of live answers (the same request answered by candidate and champion): scores and ids only,
+    never the texts (those are in the prompt log, redacted, for models that opted in, under ``request_id``)."""
+
+    __tablename__ = "canary_pair_scores"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("canary_analyses.id", ondelete="CASCADE"), index=True)
+    pair_id: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(200))
+    metric: Mapped[str] = mapped_column(String(100))
+    candidate_score: Mapped[float] = mapped_column(Float)
+    champion_score: Mapped[float] = mapped_column(Float)
+    difference: Mapped[float] = mapped_column(Float)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -393,6 +393,18 @@ def metrics(model: str, *, seconds: float | None = None, last_n: int | None = No
     return _get(_store().metrics.remote(model, seconds=seconds, last_n=last_n))
 
 
+def take_pairs(model: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Pairs of answers to the same mirrored request by two live versions of ``model``, collected by every gateway
+    replica since the last call (oldest first, at most ``limit``); taking removes them (:mod:`slipway.serve.pairs`)."""
+    return _get(_store().take_pairs.remote(model, limit))
+
+
+def counts(model: str, *, start: int, end: int) -> dict[str, dict[str, int]]:
+    """Per version, ``{"requests", "errors"}`` in the whole epoch seconds ``[start, end)``, merged across gateway
+    replicas; adjacent spans never count a request twice."""
+    return _get(_store().counts.remote(model, start, end))
+
+
 def version_health(model: str, version: int) -> tuple[bool, str]:
     """Whether Serve counts ``model:version`` healthy: every deployment has a RUNNING replica and none is
     UNHEALTHY (what Serve reports while it replaces a replica that died — a SIGKILLed one shows within about a

@@ -8,7 +8,6 @@ shadows are :mod:`slipway.serve.routing`'s pure functions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from slipway.policies.servingconfig import ServingConfig
 from slipway.serve.auth import Principal
 from slipway.serve.coalesce import Coalescer
 from slipway.serve.errors import BadRequest, Overloaded, PromptTooLong, ServeError, UpstreamTimeout
-from slipway.serve.recording import Recorder, Ticket
+from slipway.serve.pairs import Answer
+from slipway.serve.recording import Recorder, Ticket, status_for
 from slipway.serve.routing import choose, shadow_targets
 
 #: Who a mirrored request is accounted to (shadows leave no usage row).
@@ -189,10 +189,17 @@ class Dispatcher:
         """The version's streaming generator (never coalesced)."""
         return self.handle(route.app).options(stream=True).stream.remote(route.payload(payload))
 
-    async def shadow(self, route: Route, payload: dict[str, Any]) -> None:
-        """Send a mirrored copy to ``route``; its answer is discarded, its outcome recorded (no usage row)."""
+    async def shadow(self, route: Route, payload: dict[str, Any]) -> Answer:
+        """Send a mirrored copy to ``route``; its outcome is recorded (no usage row) and returned — status, latency
+        and text — for the caller to pair with the client's answer; the client never sees it."""
         t = Ticket(rid="", t0=time.perf_counter(), model=route.model, principal=SHADOW, shadow=True)
         self.recorder.admitted(t, route, {}, None)
-        with contextlib.suppress(Exception):
+        status = 200
+        try:
             async with self.recorder.scope(t):
                 t.answered(await self.call(route, payload))
+        except Exception as e:
+            status = status_for(e)
+        out = t.out or {}
+        text = "\n\n".join(c["text"] for c in out["choices"]) if out.get("choices") else out.get("text", "")
+        return Answer(route.version, status, (time.perf_counter() - t.t0) * 1000.0, text if status == 200 else "")

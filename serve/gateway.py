@@ -34,6 +34,7 @@ from slipway.serve.auth import Authenticator, JwtConfig
 from slipway.serve.dispatch import Dispatcher, RoutingTable, await_ref
 from slipway.serve.errors import BadRequest, ServeError
 from slipway.serve.oidc import OidcConfig
+from slipway.serve.pairs import Answer, PairBuffer, make_pair
 from slipway.serve.ratelimit import make_limiter
 from slipway.serve.recording import Breaker, InFlight, Instruments, Recorder, Ticket
 from slipway.serve.usage_writer import UsageWriter
@@ -278,6 +279,7 @@ class Gateway:
             rng=self.rng,
         )
         self.dispatch = Dispatcher(self.recorder)
+        self.pairs = PairBuffer()  # mirrored requests' answer pairs, pushed to the store for canary analysis
         # Block until the routing table is known, so a fresh replica never answers 404 for a live model.
         rev, table = await self.store.snapshot.remote()
         if self.settings.routes:
@@ -347,6 +349,25 @@ class Gateway:
         await self.store.push.remote(
             self.replica, self.recorder.drain(), self.inflight.snapshot(), self.inflight.oldest()
         )
+        pairs = self.pairs.drain()
+        if pairs:
+            await self.store.push_pairs.remote(pairs)
+
+    async def _pair(self, t: Ticket, answered: Answer, shadow: Any, payload: dict[str, Any]) -> None:
+        """Mirror the request to ``shadow`` and keep both answers as a pair for canary analysis; a model that
+        opted in to prompt logging gets the shadow's answer logged too (under ``<request id>:shadow``)."""
+        other = await self.dispatch.shadow(shadow, payload)
+        self.pairs.add(make_pair(t.model, t.rid, payload, answered, other))
+        if self.promptlog is not None and self.promptlog.enabled(t.model) and t.principal is not None:
+            await asyncio.to_thread(
+                self.promptlog.log,
+                model=t.model,
+                version=int(other.version),
+                request_id=f"{t.rid}:shadow",
+                prompt=_prompt_of(payload),
+                response=other.text,
+                key=t.principal.key_name or t.principal.subject,
+            )
 
     async def _flush_prompt_logs(self) -> None:
         while True:
@@ -417,8 +438,9 @@ class Gateway:
         out = await self.dispatch.call(route, payload)
         t.answered(out)
         self._log_exchange(t, _prompt_of(payload), _texts(out))
+        answered = Answer(route.version, 200, (time.perf_counter() - t.t0) * 1000.0, _texts(out))
         for shadow in self.table.shadows(route, self.rng):
-            self._spawn(self.dispatch.shadow(shadow, payload))
+            self._spawn(self._pair(t, answered, shadow, payload))
         if cache_key is not None:
             self._spawn(self.cache.put(cache_key, out, route.config.cache.ttl_s))
         return _json_answer(t.rid, route.model, out, t.headers, chat)

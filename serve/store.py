@@ -15,6 +15,7 @@ import copy
 import time
 from typing import Any
 
+from slipway.serve.pairs import PairQueues
 from slipway.serve.windows import Bucket, SecondRing, summarize
 
 STORE_NAME = "slipway-weight-store"
@@ -33,6 +34,7 @@ class WeightStore:
         self.rings: dict[tuple[str, str], SecondRing] = {}
         self.inflight: dict[str, tuple[float, dict[str, dict[str, int]]]] = {}
         self.oldest: dict[str, tuple[float, dict[str, dict[str, float]]]] = {}  # replica -> (at, waited s)
+        self.pairs = PairQueues()  # answer pairs of mirrored requests, drained by canary controllers
 
     # --- desired state ---------------------------------------------------------------------------------
 
@@ -195,6 +197,28 @@ class WeightStore:
             for ts, counts in self.inflight.values()
             if now - ts < REPLICA_STALE_S
         )
+
+    def push_pairs(self, pairs: list[dict[str, Any]]) -> None:
+        """Pairs of answers a gateway replica formed on mirrored requests (:mod:`slipway.serve.pairs`)."""
+        self.pairs.push(pairs)
+
+    def take_pairs(self, model: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """``model``'s pairs not taken yet (oldest first, at most ``limit``); taking removes them."""
+        return self.pairs.take(model, limit)
+
+    def counts(self, model: str, start: int, end: int) -> dict[str, dict[str, int]]:
+        """Per version, requests and 5xx errors in the whole seconds ``start <= second < end`` (epoch): consecutive
+        calls over adjacent spans count each request once (the sequential error-rate test's increments)."""
+        out: dict[str, dict[str, int]] = {}
+        for (m, v), ring in self.rings.items():
+            if m != model:
+                continue
+            requests = errors = 0
+            for second, b in ring.buckets.items():
+                if start <= second < end:
+                    requests, errors = requests + b.requests, errors + b.errors
+            out[v] = {"requests": requests, "errors": errors}
+        return out
 
     def reset_metrics(self, model: str | None = None) -> None:
         for key in [k for k in self.rings if model is None or k[0] == model]:

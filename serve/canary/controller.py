@@ -15,14 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slipway.policies.canaryplan import AnalysisStep, CanaryPlan, Hold, Mirror, SetWeight
-from slipway.registry import Registry, catalog, leases
+from slipway.registry import Registry, canaries, catalog, leases
 from slipway.registry.models import VersionStatus
 from slipway.serve.canary.analysis import Verdict, judge
+from slipway.serve.canary.evidence import Evidence
 from slipway.serve.errors import ServeError
 
 log = logging.getLogger(__name__)
 
 LEASE_TTL = dt.timedelta(seconds=60)
+#: Window counts of a second are taken once this many seconds have passed it (gateways push every 0.25 s).
+COUNTS_SETTLE_S = 2
+#: Pairs judged per analysis interval at most (an LLM judge is slow; the rest wait in the store).
+PAIRS_PER_TICK = 500
 
 
 class RolloutError(ServeError):
@@ -51,6 +56,10 @@ class RolloutResult:
     # Wall-clock time (epoch seconds) the canary's weight went to 0: when a gateway's breaker tripped, else
     # when the controller set it. Comparable with a fault's onset measured elsewhere on the same clock.
     weight_zero_at: float | None = None
+    # What decided: sequential (the tests of analysis.sequential), guard (a fixed bound's failed windows),
+    # breaker, deadline, plan (every step passed, no sequential analysis) or error.
+    decided_by: str | None = None
+    analysis_id: int | None = None  # the registry's CanaryAnalysis (slipway canary explain ID), when sequential
 
 
 class Controller:
@@ -73,15 +82,34 @@ class Controller:
         serving_config: Any = None,
         run_id: str | None = None,
         quality_probe: Callable[[Any], dict[str, float]] | None = None,
+        judge_model: Callable[[str, str], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
     ):
         self.reg, self.plan, self.model = reg, plan, model
         self.candidate, self.champion = candidate, champion
         self.holder, self.control, self.config, self.run_id = holder, control, serving_config, run_id
         self.quality_probe = quality_probe
-        self.clock, self.sleep = clock, sleep
+        self.clock, self.sleep, self.wall = clock, sleep, wall
         self.t0 = clock()
+        spec = plan.analysis.sequential
+        # ``judge_model(model, prompt) -> completion`` answers llm judges (default: the model's live version).
+        self.evidence = (
+            None
+            if spec is None
+            else Evidence(
+                spec,
+                plan.analysis.metrics,
+                candidate=str(candidate),
+                champion=str(champion),
+                complete=judge_model or _served_judge(plan),
+            )
+        )
+        self.analysis_id: int | None = None
+        self.counts_from: int | None = None  # epoch second from which window counts are not yet in the evidence
+        self.pairing = self.evidence is not None and self.evidence.needs_pairs
+        self._saved_at = -1e9
         self.timeline: list[TimelineEntry] = []
         self.weight = 0.0
         self.mirror = 0.0
@@ -103,6 +131,11 @@ class Controller:
         w = self.weight / 100.0
         weights = {self.champion: 1.0 - w, self.candidate: w} if w < 1.0 else {self.candidate: 1.0}
         shadow = {self.candidate: self.mirror / 100.0} if self.mirror and w < 1.0 else {}
+        if self.pairing and w > 0:  # pairs at this weight: each version also answers a share of the other's requests
+            share = self.plan.analysis.sequential.pair_share  # type: ignore[union-attr]
+            shadow[self.champion] = share
+            if w < 1.0:
+                shadow[self.candidate] = max(shadow.get(self.candidate, 0.0), share)
         self.control.set_weights(
             self.model, weights, shadow=shadow, reason=reason, registry=self.reg, pipeline_run_id=self.run_id
         )
@@ -130,6 +163,17 @@ class Controller:
             if v.status not in (VersionStatus.REGISTERED, VersionStatus.CANDIDATE, VersionStatus.ABORTED):
                 raise RolloutError(f"{cand_ref} is {v.status}; only a registered or gated candidate can canary")
             catalog.set_status(s, v, VersionStatus.CANDIDATE, reason=f"canary under plan {self.plan.name}")
+            if self.evidence is not None:
+                self.analysis_id = canaries.start_analysis(
+                    s,
+                    model=self.model,
+                    candidate=self.candidate,
+                    champion=self.champion,
+                    plan=self.plan.name,
+                    alpha=self.evidence.spec.alpha,
+                    pipeline_run_id=self.run_id,
+                ).id
+        self.counts_from = int(self.wall())
         try:
             self.control.deploy_version(self.model, self.candidate, config=self.config, registry=self.reg)
             self._log("deployed", app=f"{self.model}-v{self.candidate}")
@@ -161,8 +205,12 @@ class Controller:
             bad = self._evidence_at_this_weight()  # the last weight too: no promotion without evidence there
             if bad is not None:
                 return bad
+            if self.evidence is not None:  # every step passed its guards: the sequential tests still decide
+                return self._await_decision()
             self._log("completed", canary_percent=self.weight)
-            return RolloutResult("completed", "every step passed", self.timeline, cand_ref, champ_ref)
+            return RolloutResult(
+                "completed", "every step passed", self.timeline, cand_ref, champ_ref, decided_by="plan"
+            )
         except BaseException as e:  # undo the canary whatever happened (even Ctrl-C), then re-raise
             if not any(t.event == "rolled_back" for t in self.timeline):
                 try:
@@ -199,7 +247,8 @@ class Controller:
         return judge(a, m.get(str(self.candidate)), m.get(str(self.champion)), quality)
 
     def _tick(self) -> RolloutResult | None:
-        """One analysis interval: breaker first, then the window's verdict."""
+        """One analysis interval: breaker first, then the window's verdict (the fixed bounds, guards), then the
+        sequential evidence."""
         trip = self.control.breaker_tripped(self.model, self.candidate)
         if trip:
             reason = f"breaker: {self.plan.breaker.consecutive_errors} consecutive canary errors"
@@ -214,7 +263,103 @@ class Controller:
             self.failures = 0
             self.passed_since_split = True
         self._last_verdict = verdict
+        return self._sequential() if self.evidence is not None else None
+
+    # --- sequential evidence ----------------------------------------------------------------------------
+
+    def _sequential(self) -> RolloutResult | None:
+        """Feed the evidence what arrived since the last interval (settled window counts, pairs of answers),
+        record the pairs' scores, and act on its decision: roll back, complete early, or go on."""
+        ev = self.evidence
+        assert ev is not None
+        end = int(self.wall()) - COUNTS_SETTLE_S
+        if self.counts_from is not None and end > self.counts_from:
+            counts = self.control.counts(self.model, start=self.counts_from, end=end)
+            ev.add_counts(counts.get(str(self.candidate)), counts.get(str(self.champion)))
+            self.counts_from = end
+        scores = []
+        if ev.needs_pairs:
+            for pair in self.control.take_pairs(self.model, limit=PAIRS_PER_TICK):
+                scores += ev.add_pair(pair)
+        if scores:
+            with self.reg.session() as s:
+                canaries.record_pair_scores(
+                    s,
+                    int(self.analysis_id or 0),
+                    (
+                        {
+                            "pair_id": p.pair_id,
+                            "request_id": p.request_id,
+                            "metric": p.metric,
+                            "candidate_score": p.candidate,
+                            "champion_score": p.champion,
+                            "difference": p.difference,
+                            "detail": p.detail,
+                        }
+                        for p in scores
+                    ),
+                )
+        decision = ev.decision(self.clock() - self.t0)
+        if decision.action == "rollback":
+            return self._rollback(f"sequential: {decision.reason}", None)
+        if decision.action == "promote" and ev.spec.promote_early and self._last_verdict.status != "fail":
+            return self._complete(f"sequential: {decision.reason}")
+        self._save_analysis()
         return None
+
+    def _await_decision(self) -> RolloutResult:
+        """After the last step: keep judging at the final weight until the sequential tests decide (or the
+        deadline passes, which rolls back)."""
+        self._log("awaiting_sequential_decision", canary_percent=self.weight)
+        ev = self.evidence
+        assert ev is not None
+        while True:
+            bad = self._tick()
+            if bad is not None:
+                return bad
+            if ev.decision(self.clock() - self.t0).action == "promote":  # promote_early off: decided at the end
+                return self._complete("sequential: " + ev.decision(self.clock() - self.t0).reason)
+            if self._deadline_left() <= 0:
+                return self._rollback("deadline passed before the sequential analysis decided", None)
+            self._renew()
+            self.sleep(self.plan.analysis.interval_s)
+
+    def _complete(self, reason: str) -> RolloutResult:
+        """The evidence shows non-inferiority on every sequential metric: the rollout completes here, whatever
+        steps remain (``promote`` then moves production); mirroring and pairing stop."""
+        self.pairing, self.mirror = False, 0.0
+        self._apply("canary complete: " + reason[:200])
+        self._log("completed", canary_percent=self.weight, reason=reason, decided_by="sequential")
+        self._save_analysis(status="completed", decided_by="sequential", reason=reason)
+        return RolloutResult(
+            "completed",
+            reason,
+            self.timeline,
+            f"{self.model}:{self.candidate}",
+            f"{self.model}:{self.champion}",
+            decided_by="sequential",
+            analysis_id=self.analysis_id,
+        )
+
+    def _save_analysis(self, *, status: str | None = None, decided_by: str | None = None, reason: str = "") -> None:
+        """The analysis row as it stands: every few seconds while running, and at the end."""
+        if self.evidence is None or self.analysis_id is None:
+            return
+        now = self.clock()
+        if status is None and now - self._saved_at < 2.0:
+            return
+        self._saved_at = now
+        with self.reg.session() as s:
+            canaries.update_analysis(
+                s,
+                self.analysis_id,
+                metrics=self.evidence.rows(),
+                trajectory=self.evidence.trajectories(),
+                pairs=self.evidence.pairs_seen,
+                status=status,
+                decided_by=decided_by,
+                reason=reason or None,
+            )
 
     def _hold(self, duration_s: float, min_requests: int) -> RolloutResult | None:
         start = self.clock()
@@ -263,7 +408,12 @@ class Controller:
             pipeline_run_id=self.run_id,
         )
         at = round(self.clock() - self.t0, 3)
-        self._log("rolled_back", reason=reason, values=verdict.values if verdict else {})
+        decided_by = _decided_by(reason)
+        self._log("rolled_back", reason=reason, values=verdict.values if verdict else {}, decided_by=decided_by)
+        try:
+            self._save_analysis(status="rolled_back", decided_by=decided_by, reason=reason)
+        except Exception:  # the record of the evidence must not keep the candidate half-on
+            log.exception("could not record the canary analysis")
         try:
             self.control.remove_version(
                 self.model, self.candidate, drain_timeout_s=self.plan.drain_timeout_s, registry=self.reg
@@ -282,4 +432,28 @@ class Controller:
             f"{self.model}:{self.champion}",
             rollback_at=at,
             weight_zero_at=zeroed_at or wall,
+            decided_by=decided_by,
+            analysis_id=self.analysis_id,
         )
+
+
+def _decided_by(reason: str) -> str:
+    """Which evidence a rollback's reason names."""
+    for prefix, who in (("breaker", "breaker"), ("analysis:", "guard"), ("sequential:", "sequential")):
+        if reason.startswith(prefix):
+            return who
+    return "deadline" if "deadline" in reason else "error"
+
+
+def _served_judge(plan: CanaryPlan) -> Callable[[str, str], str] | None:
+    """``(model, prompt) -> completion`` through the judge model's live version, for plans with an llm judge."""
+    specs = {m.judge.llm.model: m.judge.llm for m in plan.analysis.metrics if m.judge and m.judge.llm}
+    if not specs:
+        return None
+
+    def ask(model: str, prompt: str) -> str:
+        from slipway.serve.canary.quality import ask_served
+
+        return ask_served(model, prompt, max_tokens=specs[model].max_tokens)
+
+    return ask

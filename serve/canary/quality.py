@@ -57,13 +57,26 @@ class ServeTarget:
         raise NotImplementedError("log-likelihood metrics cannot be probed online; use a generation metric")
 
 
+def ask_served(model: str, prompt: str, *, max_tokens: int = 8, timeout_s: float = 60.0) -> str:
+    """``model``'s live version (the one with most traffic) completes ``prompt`` greedily, called on its Serve
+    application directly (no client traffic, no usage row): how an ``llm`` judge of a canary is asked."""
+    from slipway.serve import control
+
+    weights = control.get_weights(model)["weights"]
+    version = max(weights, key=lambda v: weights[v])
+    app, adapter = control.serving_target(model, int(version))
+    params = GenerationParams(max_new_tokens=max_tokens, temperature=0.0)
+    return ServeTarget(app, adapter=adapter, timeout_s=timeout_s).generate([prompt], params)[0].text
+
+
 class QualityProbe:
     """Scores the candidate and the champion on the plan's ``quality`` metrics; callable as a controller's
     ``quality_probe``. Re-probes at most every ``min_interval_s`` (default half the analysis window) and returns
     the last result in between, so a 1-second analysis interval does not generate answers every second."""
 
     def __init__(self, plan: CanaryPlan, suites: dict[str, EvalSuite], *, min_interval_s: float | None = None):
-        self.metrics: list[AnalysisMetric] = [m for m in plan.analysis.metrics if m.name == "quality" and m.suite is not None]
+        probed = [m for m in plan.analysis.metrics if m.name == "quality" and m.suite is not None]
+        self.metrics: list[AnalysisMetric] = probed
         self.suites = suites
         self.min_interval_s = plan.analysis.window_s / 2 if min_interval_s is None else min_interval_s
         self._examples: dict[str, list[Example]] = {}

@@ -100,6 +100,13 @@ BAD = [
         id="judge-without-difference",
     ),
     pytest.param(
+        "    - {name: ttft_p99, min_difference: 50}\n",
+        "  sequential: {}\n",
+        "plan.yaml:9:7: analysis.metrics[0]: ttft_p99 has no sequential test (mirrored requests are not streamed): "
+        "use a bound",
+        id="ttft-sequential",
+    ),
+    pytest.param(
         "    - {name: quality, min_difference: 0.1, judge: {agreement: {threshold: 1.5}}}\n",
         "  sequential: {}\n",
         "plan.yaml:9:75: analysis.metrics[0].judge.agreement.threshold: must be less than or equal to 1, got 1.5",
