@@ -24,9 +24,9 @@ Example::
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slipway.policies.kinds import Document, Strict, register_kind
 
@@ -120,10 +120,30 @@ class Provider(Document):
                 raise ValueError("aws_access_key_id and aws_secret_access_key go together (or neither: the AWS chain)")
         return self
 
-    @model_validator(mode="after")
-    def secrets_are_references(self) -> Provider:
-        for field in ("api_key", "aws_access_key_id", "aws_secret_access_key"):
-            value = getattr(self, field)
-            if value is not None and not _SECRET_REF.match(value):
-                raise ValueError(f"{field} must be a reference (`${{ENV_VAR}}` or `vault://path#key`), not a secret")
-        return self
+    @field_validator("api_key", "aws_access_key_id", "aws_secret_access_key")
+    @classmethod
+    def secrets_are_references(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not _SECRET_REF.match(value):
+            raise ValueError(
+                f"{info.field_name} must be a reference (`${{ENV_VAR}}` or `vault://path#key`), not a secret"
+            )
+        return value
+
+
+#: The key of a provider version's ``params`` in the registry holding its Provider document (references only).
+PARAMS_KEY = "provider"
+
+
+def version_params(doc: Provider) -> dict[str, Any]:
+    """The ``params`` a provider version is registered with: ``source: provider`` (its lineage) and the Provider
+    document as written — secrets stay ``${ENV}`` / ``vault://`` references, never resolved values."""
+    return {"source": "provider", PARAMS_KEY: doc.model_dump(mode="json", by_alias=True, exclude_none=True)}
+
+
+def from_params(params: dict[str, Any] | None) -> Provider | None:
+    """The Provider document of a version registered with :func:`version_params`, or None for a version with
+    weights of its own."""
+    doc = (params or {}).get(PARAMS_KEY)
+    if not isinstance(doc, dict) or (params or {}).get("source") != "provider":
+        return None
+    return Provider.model_validate(doc)

@@ -87,6 +87,35 @@ class AdapterSpec(Strict):
     )
 
 
+class FallbackSpec(Strict):
+    """Where a request goes when the version chosen for it fails (429, 5xx, a timeout): the model's other live
+    versions, by kind in ``order`` — self-hosted first with a provider behind it, or the reverse. The failed attempt
+    still counts against its version (window, breaker, metrics); the usage row says which attempt answered."""
+
+    order: list[Literal["self-hosted", "provider"]] = Field(
+        default_factory=list,
+        max_length=2,
+        description="Kinds of live versions tried after the chosen one fails, in this order (within a kind, the "
+        "highest weight, then the newest version, first); weight 0 versions count (a standby provider). Default "
+        "empty: no fallback.",
+    )
+    on: list[Literal["429", "5xx", "timeout"]] = Field(
+        default_factory=lambda: ["429", "5xx", "timeout"],
+        min_length=1,
+        description="Failures that fall back: 429 (the upstream's rate limit), 5xx (502/503/500), timeout (504). "
+        "Default all three.",
+    )
+    max_attempts: int = Field(
+        default=2, ge=2, le=5, description="Most versions one request is sent to, the first included. Default 2; 2-5."
+    )
+
+    @model_validator(mode="after")
+    def order_names_each_kind_once(self) -> FallbackSpec:
+        if len(set(self.order)) != len(self.order):
+            raise ValueError(f"order names a kind twice: {self.order}")
+        return self
+
+
 class EngineSpec(Strict):
     """How the ``hf`` engine batches and sizes its KV cache (``max_batch_size`` is the most requests per step)."""
 
@@ -177,11 +206,13 @@ class ServingConfig(Document):
 
     kind: Literal["ServingConfig"] = "ServingConfig"
     model: str = Field(pattern=NAME_PATTERN, description="Registered model this config serves.")
-    backend: Literal["hf", "vllm", "echo"] = Field(
+    backend: Literal["hf", "vllm", "echo", "provider"] = Field(
         default="hf",
         description="hf: a transformers causal LM from the registry on continuous batching; vllm: vLLM's engine "
         "(a vLLM server per replica); echo: a weightless stand-in that repeats the prompt (routing tests and "
-        "benchmarks of the serving path). Default hf.",
+        "benchmarks of the serving path); provider: a hosted upstream, set by deploy for each provider version's "
+        "replicas (a version registered with `slipway provider register`; docs/providers.md), never needed in a "
+        "file. Default hf.",
     )
     num_replicas: int | None = Field(
         default=1, ge=1, le=1000, description="Fixed replica count; null with autoscaling. Default 1; 1-1000."
@@ -261,6 +292,11 @@ class ServingConfig(Document):
         default_factory=AdapterSpec, description="LoRA versions served on their base's replicas. Default off."
     )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Response cache for temperature-0 requests.")
+    fallbacks: FallbackSpec = Field(
+        default_factory=FallbackSpec,
+        description="Other live versions tried when the chosen one fails (a provider behind a self-hosted model, or "
+        "the reverse). Default none.",
+    )
     device: str | None = Field(default=None, description="Torch device; default cuda when the replica has a GPU.")
     dtype: str | None = Field(default=None, description="Torch dtype name (float16, bfloat16); default the model's.")
 
@@ -322,6 +358,14 @@ class ServingConfig(Document):
                 f"adapters per request); this config has backend: {self.backend}, batching: {self.engine.batching}"
             )
         return self
+
+    def for_provider(self) -> ServingConfig:
+        """The replicas of a provider version: this config on the ``provider`` engine, no GPU, at most 0.1 CPU
+        (they forward requests; the upstream computes), no adapters. The gateway keeps routing by this config."""
+        actor = ActorOptions(num_cpus=min(self.ray_actor_options.num_cpus, 0.1), num_gpus=0.0)
+        return self.model_copy(
+            update={"backend": "provider", "ray_actor_options": actor, "adapters": AdapterSpec(), "device": None}
+        )
 
     def kv_cache_tokens(self, *, on_gpu: bool) -> int | None:
         """The KV cache's size in tokens; None lets transformers size it from free GPU memory."""

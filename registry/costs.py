@@ -10,7 +10,9 @@ generated that day (cache hits used no GPU and weigh nothing); the usage records
 version's replicas are treated as one pool. Compute nobody used stays visible as idle (no key). Models with an
 external provider's token price are billed per token instead. The heavy part — grouping usage rows — and the
 apportioning (a window function over the groups) run in the database; Python only splits the few deployment
-intervals into days.
+intervals into days. A provider version (``params.source: provider``) is billed per token at its own Provider
+document's price, and its replicas (CPU only) as compute: when a fine-tune replaces it, the report shows its token
+spend give way to the fine-tune's GPU-seconds.
 """
 
 from __future__ import annotations
@@ -188,11 +190,25 @@ def detail_select(s: Session, *, since: dt.datetime, until: dt.datetime, pricing
         .data([(t.model, t.prompt_per_1k, t.completion_per_1k) for t in pricing.external()] or [("", 0.0, 0.0)])
         .cte("prices")
     )
+    # A provider version's own price (its Provider document's) wins over its model's external price.
+    vprices = (
+        sa.values(
+            sa.column("model", sa.String),
+            sa.column("version", sa.Integer),
+            sa.column("pp", sa.Float),
+            sa.column("cp", sa.Float),
+            name="version_prices",
+        )
+        .data(provider_prices(s) or [("", -1, 0.0, 0.0)])
+        .cte("version_prices")
+    )
     u_day = cast(usage.c.day, sa.String)
     weight = cast(usage.c.wp + usage.c.wc, sa.Float)
     pool = func.sum(weight).over(partition_by=[usage.c.model, usage.c.version, u_day])
     share = case((pool > 0, weight / pool), else_=0.0)
-    token_cost = (usage.c.wp * func.coalesce(prices.c.pp, 0.0) + usage.c.wc * func.coalesce(prices.c.cp, 0.0)) / 1000.0
+    pp = func.coalesce(vprices.c.pp, prices.c.pp, 0.0)
+    cp = func.coalesce(vprices.c.cp, prices.c.cp, 0.0)
+    token_cost = (usage.c.wp * pp + usage.c.wc * cp) / 1000.0
     compute_cost = func.coalesce(compute.c.cost, 0.0) * share
     used = (
         select(
@@ -216,6 +232,7 @@ def detail_select(s: Session, *, since: dt.datetime, until: dt.datetime, pricing
             and_(compute.c.model == usage.c.model, compute.c.version == usage.c.version, compute.c.day == u_day),
         )
         .outerjoin(prices, prices.c.model == usage.c.model)
+        .outerjoin(vprices, and_(vprices.c.model == usage.c.model, vprices.c.version == usage.c.version))
     )
     used_pool = (
         select(usage.c.model, usage.c.version, u_day.label("day"))
@@ -247,6 +264,20 @@ def detail_select(s: Session, *, since: dt.datetime, until: dt.datetime, pricing
         )
     )
     return sa.union_all(used, idle)
+
+
+def provider_prices(s: Session) -> list[tuple[str, int, float, float]]:
+    """``(model, version, $/1k prompt, $/1k completion)`` of every provider version with a price: the version's
+    ``params`` hold its Provider document (``source: provider``), whose ``price`` is what the upstream bills."""
+    q = select(Model.name, ModelVersion.version, ModelVersion.params).join(Model, Model.id == ModelVersion.model_id)
+    out = []
+    for model, version, params in s.execute(q):
+        price = (
+            ((params or {}).get("provider") or {}).get("price") if (params or {}).get("source") == "provider" else None
+        )
+        if price:
+            out.append((model, version, float(price["prompt_per_1k"]), float(price["completion_per_1k"])))
+    return out
 
 
 class CostDetail:

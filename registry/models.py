@@ -310,6 +310,9 @@ class UsageRecord(Base):
     status: Mapped[int] = mapped_column(Integer)
     batch_size: Mapped[int | None] = mapped_column(Integer)
     cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    # 1: answered by the version first chosen; 2 or more: by a fallback after that version failed (ServingConfig
+    # fallbacks); the row's version is the one that answered.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class ComplianceFinding(Base):
@@ -433,6 +436,8 @@ class CanaryAnalysis(Base):
     pipeline_run_id: Mapped[str | None] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="SET NULL"))
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+    model: Mapped[Model] = relationship()
 
 
 class CanaryPairScore(Base):

@@ -30,6 +30,7 @@ COLUMNS = (
     "status",
     "batch_size",
     "cache_hit",
+    "attempt",
 )
 
 
@@ -62,6 +63,7 @@ def _full(r: Mapping[str, Any]) -> dict[str, Any]:
         "completion_tokens": r.get("completion_tokens") or 0,
         "latency_ms": r.get("latency_ms") or 0.0,
         "cache_hit": bool(r.get("cache_hit", False)),
+        "attempt": int(r.get("attempt") or 1),
     }
 
 

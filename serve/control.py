@@ -74,14 +74,38 @@ def deploy_gateway(
 
 
 def model_application(
-    model: str, version: int, config: ServingConfig, *, uri: str | None, sha256: str | None, follow_store: bool = True
+    model: str,
+    version: int,
+    config: ServingConfig,
+    *,
+    uri: str | None,
+    sha256: str | None,
+    follow_store: bool = True,
+    provider: dict[str, Any] | None = None,
 ) -> Any:
-    """The bound Serve application of one version (used by the code and by the config generator)."""
+    """The bound Serve application of one version (used by the code and by the config generator); a provider
+    version's (``provider``: its Provider document) runs ``config.for_provider()``."""
     from slipway.serve.model_server import ModelServer
 
+    if provider is not None:
+        config = config.for_provider()
     return ModelServer.options(**config.deployment_options()).bind(
-        model, version, config.model_dump(mode="json"), uri, sha256, follow_store
+        model, version, config.model_dump(mode="json"), uri, sha256, follow_store, provider
     )
+
+
+def provider_of(registry: Registry, model: str, version: int) -> dict[str, Any] | None:
+    """The Provider document (as a mapping, secrets as references) of a provider version; None for a version with
+    weights."""
+    from slipway.policies.provider import from_params
+    from slipway.registry import NotFound, catalog
+
+    try:
+        with registry.session() as s:
+            doc = from_params(catalog.resolve(s, f"{model}:{version}").params)
+    except NotFound:  # an unregistered version (echo benches): not a provider
+        return None
+    return None if doc is None else doc.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def deploy_version(
@@ -94,13 +118,17 @@ def deploy_version(
     registry: Registry | None = None,
     adapter_of: int | None = None,
     adapter_timeout_s: float = 60.0,
+    provider: dict[str, Any] | None = None,
 ) -> str:
     """Start ``model:version`` as its own Serve application and add it to the routing table.
 
     It gets weight 0 — or 1 when it is the model's first live version. The artifact comes from the registry
-    unless ``uri`` is given (or the backend is ``echo``). A LoRA adapter (``adapter_config.json``) whose base
-    version — the registry's lineage, or ``adapter_of`` — is live with ``adapters.enabled`` gets no application:
-    every replica of its base loads it, and this returns once all of them hold it (``adapter_timeout_s``).
+    unless ``uri`` is given (or the backend is ``echo``). A provider version (registered with its Provider
+    document, or ``provider`` given) has no artifact: its replicas run ``config.for_provider()`` (no GPU) and
+    forward to the upstream; the gateway routes to it like any version. A LoRA adapter (``adapter_config.json``)
+    whose base version — the registry's lineage, or ``adapter_of`` — is live with ``adapters.enabled`` gets no
+    application: every replica of its base loads it, and this returns once all of them hold it
+    (``adapter_timeout_s``).
     Returns the application name serving it. Raises :class:`ControlError` when the version is already live, or
     an adapter is refused (sha256 mismatch, too many adapters, not loaded in time).
     """
@@ -113,6 +141,10 @@ def deploy_version(
     _rev, table = _get(_store().snapshot.remote())
     if str(version) in table.get(model, {}).get("versions", {}):
         raise ControlError(f"{model}:{version} is already deployed as {name}")
+    if provider is None and uri is None and registry is not None:
+        provider = provider_of(registry, model, version)
+    if provider is not None:
+        return _deploy_provider(model, version, cfg, provider, registry=registry)
     if cfg.backend == "hf" and uri is None:
         if registry is None:
             raise ControlError(f"{model}:{version}: pass uri= or registry= to find its weights")
@@ -142,6 +174,29 @@ def deploy_version(
             _set_status(registry, name, "failed")
         raise
     _get(_store().put_version.remote(model, version, name, cfg.model_dump(mode="json")))
+    if registry is not None:
+        _set_status(registry, name, "live")
+    return name
+
+
+def _deploy_provider(
+    model: str, version: int, cfg: ServingConfig, provider: dict[str, Any], *, registry: Registry | None
+) -> str:
+    """A provider version as its own application of ``cfg.for_provider()`` replicas; the routing table keeps the
+    model's ``cfg`` and marks the version ``kind: provider`` (what fallbacks order by)."""
+    from ray import serve
+
+    name = _app_name(model, version)
+    if registry is not None:
+        _record_deployment(registry, model, version, name, cfg.for_provider())
+    try:
+        app = model_application(model, version, cfg, uri=None, sha256=None, provider=provider)
+        serve.run(app, name=name, route_prefix=None)
+    except Exception:
+        if registry is not None:
+            _set_status(registry, name, "failed")
+        raise
+    _get(_store().put_version.remote(model, version, name, cfg.model_dump(mode="json"), kind="provider"))
     if registry is not None:
         _set_status(registry, name, "live")
     return name

@@ -10,13 +10,22 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from slipway.policies.servingconfig import ServingConfig
 from slipway.serve.auth import Principal
 from slipway.serve.coalesce import Coalescer
-from slipway.serve.errors import BadRequest, Overloaded, PromptTooLong, ServeError, UpstreamTimeout
+from slipway.serve.errors import (
+    BadRequest,
+    Overloaded,
+    PromptTooLong,
+    ServeError,
+    UpstreamFailed,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
 from slipway.serve.pairs import Answer
 from slipway.serve.recording import Recorder, Ticket, status_for
 from slipway.serve.routing import choose, shadow_targets
@@ -26,6 +35,7 @@ SHADOW = Principal(subject="shadow")
 #: The model label of a request for a model the table does not know: free-form client input must not become a
 #: metric label (unbounded series) or a usage row PostgreSQL may refuse (lone surrogates).
 UNKNOWN_MODEL = "(unknown)"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,27 @@ class RoutingTable:
         version = choose(self.table[model]["versions"], sticky, rng)
         return None if version is None else self.route(model, version)
 
+    def fallbacks(self, chosen: Route) -> list[Route]:
+        """The live versions a request goes on to when ``chosen`` fails, in the order of its config's
+        ``fallbacks.order`` (by kind: ``provider`` versions are marked so in the table, the others are
+        ``self-hosted``); within a kind the highest weight, then the newest version, first. A tripped version is
+        never one."""
+        entry = self.table.get(chosen.model)
+        order = self.configs[chosen.model].fallbacks.order if entry is not None else []
+        out: list[Route] = []
+        for kind in order:
+            same = [
+                (v, e)
+                for v, e in entry["versions"].items()
+                if v != chosen.version
+                and e["state"] == "live"
+                and not e.get("tripped")
+                and e.get("kind", "self-hosted") == kind
+            ]
+            same.sort(key=lambda ve: (-float(ve[1].get("weight", 0.0)), -int(ve[0])))
+            out += [self.route(chosen.model, v) for v, _e in same]
+        return out
+
     def shadows(self, chosen: Route, rng: random.Random) -> list[Route]:
         """Versions that get a mirrored copy of a request answered by ``chosen``."""
         entry = self.table.get(chosen.model)
@@ -97,6 +128,10 @@ def check_answer(out: dict[str, Any]) -> dict[str, Any]:
     if err is None:
         return out
     status = err.get("status", 500)
+    if status == 429:  # the upstream's (a provider's) rate limit, with its Retry-After passed on
+        raise UpstreamRateLimited(err["message"], retry_after=err.get("retry_after"))
+    if status == 502:
+        raise UpstreamFailed(err["message"])
     if status == 413:
         raise PromptTooLong(err["message"], param="prompt")
     if status == 504:
@@ -108,13 +143,70 @@ def check_answer(out: dict[str, Any]) -> dict[str, Any]:
     raise ServeError(err["message"])
 
 
-class Dispatcher:
-    """Deployment handles and coalescers of the live versions one replica has talked to."""
+def fallback_reason(e: ServeError) -> str | None:
+    """What ``e`` is among the failures ``fallbacks.on`` names (429, 5xx, timeout); None for the caller's own
+    errors (4xx), which another version would refuse too."""
+    if e.status == 429:
+        return "429"
+    if e.status == 504:
+        return "timeout"
+    return "5xx" if e.status >= 500 else None
 
-    def __init__(self, recorder: Recorder) -> None:
+
+class Dispatcher:
+    """Deployment handles and coalescers of the live versions one replica has talked to, and where each request
+    goes when its version fails (:meth:`attempts`)."""
+
+    def __init__(self, recorder: Recorder, table: RoutingTable | None = None) -> None:
         self.recorder = recorder
+        self.table = table
         self.handles: dict[str, Any] = {}
         self.coalescers: dict[tuple[str, int, int, float, float], Coalescer] = {}
+        # (model, version) -> time.monotonic() before which its upstream asked not to be called (Retry-After)
+        self.cooling: dict[tuple[str, str], float] = {}
+
+    async def attempts(self, t: Ticket, route: Route, once: Callable[[Route], Awaitable[T]]) -> tuple[Route, T]:
+        """``once(route)``, or — when it fails as ``fallbacks.on`` says and the model's config has a
+        ``fallbacks.order`` — ``once`` of the next live version in that order, up to ``fallbacks.max_attempts``
+        versions; returns the route that answered and its answer. Each failed attempt is recorded against its
+        version (:meth:`Recorder.fell_back`). An upstream's 429 Retry-After is honoured: until it has passed, the
+        version is not called from this replica — skipped for a fallback, or answered 429 at once with the time
+        left when there is none. Raises the last attempt's error."""
+        spec = route.config.fallbacks
+        chain: list[Route] | None = None
+        tried = {route.version}
+        while True:
+            wait = self.cooling.get((route.model, route.version), 0.0) - time.monotonic()
+            if wait > 0:
+                err: ServeError = UpstreamRateLimited(
+                    f"{route.model}:{route.version}'s upstream asked for no requests for {wait:.1f}s more",
+                    retry_after=wait,
+                )
+                reason, status = "retry-after", 0
+            else:
+                try:
+                    return route, await once(route)
+                except ServeError as e:
+                    retry_after = e.retry_after if isinstance(e, UpstreamRateLimited) else None
+                    if retry_after:
+                        self.cooling[(route.model, route.version)] = time.monotonic() + float(retry_after)
+                    reason, status, err = fallback_reason(e), e.status, e
+                    if reason is None or reason not in spec.on:
+                        raise
+            if not spec.order or t.attempt >= spec.max_attempts or self.table is None:
+                raise err
+            if chain is None:
+                chain = self.table.fallbacks(route)
+            now = time.monotonic()
+            nxt = next(
+                (r for r in chain if r.version not in tried and self.cooling.get((r.model, r.version), 0.0) <= now),
+                None,
+            )
+            if nxt is None:
+                raise err
+            self.recorder.fell_back(t, route, status, reason, nxt)
+            tried.add(nxt.version)
+            route = nxt
 
     def handle(self, app_name: str) -> Any:
         h = self.handles.get(app_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from slipway.errors import SlipwayError
@@ -47,6 +48,24 @@ class PromptTooLong(ServeError):
 
 class RateLimited(ServeError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class UpstreamRateLimited(RateLimited):
+    """A provider's own 429; ``retry_after`` is the seconds its Retry-After asked for (passed to the client)."""
+
+    code = "upstream_rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        headers = {"retry-after": str(max(1, math.ceil(retry_after)))} if retry_after is not None else {}
+        super().__init__(message, headers=headers)
+        self.retry_after = retry_after
+
+
+class UpstreamFailed(ServeError):
+    """A provider that failed (5xx, refused slipway's credentials, a cut stream): the gateway's upstream, not the
+    gateway, is at fault."""
+
+    status, type, code = 502, "server_error", "upstream_error"
 
 
 class Overloaded(ServeError):

@@ -218,6 +218,12 @@ def _instruments() -> Instruments:
             "Share of a budget's hard limit (soft when it has none) spent in its current window.",
             tag_keys=("budget",),
         ),
+        fallbacks=metrics.Counter(
+            "slipway_fallbacks",
+            "Requests sent on to another version after theirs failed (ServingConfig fallbacks); version: the one "
+            "that failed, reason: 429 | 5xx | timeout | retry-after.",
+            tag_keys=(*tags, "reason"),
+        ),
     )
 
 
@@ -278,7 +284,7 @@ class Gateway:
             sticky_by_key=st.sticky_by_key,
             rng=self.rng,
         )
-        self.dispatch = Dispatcher(self.recorder)
+        self.dispatch = Dispatcher(self.recorder, self.table)
         self.pairs = PairBuffer()  # mirrored requests' answer pairs, pushed to the store for canary analysis
         # Block until the routing table is known, so a fresh replica never answers 404 for a live model.
         rev, table = await self.store.snapshot.remote()
@@ -435,21 +441,27 @@ class Gateway:
             if hit is not None:
                 t.answered({**hit, "batch_size": None}, cache_hit=True)  # a cached answer costs nothing
                 return _json_answer(t.rid, route.model, hit, t.headers | {"x-slipway-cache": "hit"}, chat)
-        out = await self.dispatch.call(route, payload)
+        first = route
+        route, out = await self.dispatch.attempts(t, route, lambda r: self.dispatch.call(r, payload))
         t.answered(out)
         self._log_exchange(t, _prompt_of(payload), _texts(out))
         answered = Answer(route.version, 200, (time.perf_counter() - t.t0) * 1000.0, _texts(out))
         for shadow in self.table.shadows(route, self.rng):
             self._spawn(self._pair(t, answered, shadow, payload))
-        if cache_key is not None:
+        if cache_key is not None and route is first:  # a fallback's answer is not the chosen version's
             self._spawn(self.cache.put(cache_key, out, route.config.cache.ttl_s))
         return _json_answer(t.rid, route.model, out, t.headers, chat)
 
     async def _stream(self, t: Ticket, adm: Admission, body: p._GenParams, chat: bool) -> StreamingResponse:
         route, timeout_s = adm.route, adm.route.config.request_timeout_s
         deadline = t.t0 + timeout_s
-        gen = self.dispatch.stream(route, adm.payload)
-        first = await streaming.first_item(gen, deadline, timeout_s)
+
+        async def open_stream(r: Any) -> tuple[Any, dict[str, Any]]:
+            g = self.dispatch.stream(r, adm.payload)
+            return g, await streaming.first_item(g, deadline, timeout_s)
+
+        # a version that fails before its first token falls back like a non-streamed request (fallbacks)
+        route, (gen, first) = await self.dispatch.attempts(t, route, open_stream)
         t.ttft_ms = (time.perf_counter() - t.t0) * 1000.0
         s = streaming.Stream(
             gen=gen,

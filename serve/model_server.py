@@ -44,6 +44,7 @@ class ModelServer:
         uri: str | None = None,
         sha256: str | None = None,
         follow_store: bool = True,
+        provider: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.version = model, version
         self.cfg = ServingConfig.model_validate(config)
@@ -52,7 +53,9 @@ class ModelServer:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.engine: Engine = build_engine(self.cfg, uri=uri, sha256=sha256, device=device)
+        self.engine: Engine = build_engine(self.cfg, uri=uri, sha256=sha256, device=device, provider=provider)
+        # a provider applies its chat template upstream: it gets a chat's messages as they were sent
+        self.remote_chat = self.cfg.backend == "provider"
         self.started = time.monotonic()
         self.first_fault_at: float | None = None  # wall clock of the first injected fault (chaos benches)
         self._healthy = True
@@ -197,6 +200,10 @@ class ModelServer:
             return _error(413, f"prompt has {n} tokens; {self.model} accepts at most {most}")
         return prompt, ids
 
+    def _messages(self, req: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """A chat's messages for an engine that templates upstream (a provider); None for the others."""
+        return req.get("messages") if self.remote_chat and req.get("prompt") is None else None
+
     def _fault_of(self, adapter: str | None) -> tuple[Any, float]:
         """The fault injection a request is subject to and when its clock started: an adapter version's own (its
         candidate config in the weight store, from when this replica loaded it), else this replica's."""
@@ -237,7 +244,9 @@ class ModelServer:
         if isinstance(prepared, dict):
             return prepared
         rid = req.get("request_id") or uuid.uuid4().hex
-        ereq = engine_request(req, prepared[0], stream=False, request_id=rid, prompt_ids=prepared[1])
+        ereq = engine_request(
+            req, prepared[0], stream=False, request_id=rid, prompt_ids=prepared[1], messages=self._messages(req)
+        )
         parts: list[str] = []
         logprobs: dict[str, Any] | None = None
         try:
@@ -259,7 +268,7 @@ class ModelServer:
             else:
                 return _error(500, "the engine ended the request without an answer")
         except EngineError as e:
-            return _error(e.status, str(e), e.param)
+            return _engine_error(e)
         except Exception as e:
             log.exception("generation failed")
             return _error(500, f"generation failed: {type(e).__name__}")
@@ -286,7 +295,7 @@ class ModelServer:
         try:
             vectors = await self.engine.embed(ids_list, deadline=req.get("deadline"))
         except EngineError as e:
-            return _error(e.status, str(e), e.param)
+            return _engine_error(e)
         except Exception as e:
             log.exception("embedding failed")
             return _error(500, f"embedding failed: {type(e).__name__}")
@@ -352,7 +361,9 @@ class ModelServer:
             yield prepared
             return
         rid = req.get("request_id") or uuid.uuid4().hex
-        ereq = engine_request(req, prepared[0], stream=True, request_id=rid, prompt_ids=prepared[1])
+        ereq = engine_request(
+            req, prepared[0], stream=True, request_id=rid, prompt_ids=prepared[1], messages=self._messages(req)
+        )
         gen = self.engine.submit(ereq)
         every, held, held_lp, sent_at = self.cfg.engine.stream_interval, [], None, None
         try:
@@ -377,7 +388,7 @@ class ModelServer:
                 }
                 return
         except EngineError as e:
-            yield _error(e.status, str(e), e.param)
+            yield _engine_error(e)
         except Exception as e:
             log.exception("streaming generation failed")
             yield _error(500, f"generation failed: {type(e).__name__}")
@@ -427,10 +438,25 @@ def _error(status: int, message: str, param: str | None = None) -> dict[str, Any
     return {"error": {"status": status, "message": message} | ({"param": param} if param else {})}
 
 
+def _engine_error(e: EngineError) -> dict[str, Any]:
+    """An engine's refusal as an error answer; an upstream's ``Retry-After`` (seconds) goes with it."""
+    out = _error(e.status, str(e), e.param)
+    retry_after = getattr(e, "retry_after", None)
+    if retry_after is not None:
+        out["error"]["retry_after"] = retry_after
+    return out
+
+
 def build(args: dict[str, Any]) -> Any:
     """Application builder for ``serve deploy``/KubeRay: ``import_path: slipway.serve.model_server:build`` with
     args ``{model, version, config, uri, sha256}`` (what ``slipway serve config`` writes)."""
     cfg = ServingConfig.model_validate(args["config"])
     return ModelServer.options(**cfg.deployment_options()).bind(
-        args["model"], int(args["version"]), cfg.model_dump(mode="json"), args.get("uri"), args.get("sha256")
+        args["model"],
+        int(args["version"]),
+        cfg.model_dump(mode="json"),
+        args.get("uri"),
+        args.get("sha256"),
+        True,
+        args.get("provider"),
     )

@@ -52,6 +52,7 @@ class Instruments:
     spend: Any  # Counter: US dollars settled against budgets
     breaker_trips: Any = None  # Counter: model, version — the in-gateway breaker zeroed its weight
     budget_used: Any = None  # Gauge: budget — share of its hard limit (else soft) spent in the current window
+    fallbacks: Any = None  # Counter: model, version (the one that failed), reason — a request sent on to another
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Ticket:
     ttft_ms: float | None = None
     cache_hit: bool = False
     charge: tuple[int, int] | None = None
+    attempt: int = 1  # 2 or more once it fell back from a failed version to another (ServingConfig fallbacks)
     deferred: bool = False  # a stream closes it when it ends
     counted: bool = False  # holds an in-flight slot
     closed: bool = False
@@ -233,11 +235,27 @@ class Recorder:
             t.counted = False
         return True
 
+    def fell_back(self, t: Ticket, failed: Route, status: int, reason: str, to: Route) -> None:
+        """``t``'s attempt at ``failed`` ended with ``status`` and the request goes on to ``to``. The failed
+        attempt counts against its version — window, breaker, metrics, ``slipway_fallbacks`` — but leaves no usage
+        row: a request has one, the answering attempt's (its ``attempt`` says which). ``status`` 0: the version was
+        skipped without a call (its upstream's Retry-After has not passed), so only the fallback is counted."""
+        if status:
+            self.record(t, status, usage_row=False)
+        if self.m.fallbacks is not None:
+            self.m.fallbacks.inc(tags={"model": failed.model, "version": failed.version, "reason": reason})
+        if t.counted and t.version is not None:
+            self.inflight.exit(t.model, t.version, t.rid)
+            self.inflight.enter(to.model, to.version, t.rid)
+        t.version, t.attempt = to.version, t.attempt + 1
+        t.headers = {**t.headers, "x-slipway-version": to.version, "x-slipway-attempt": str(t.attempt)}
+
     # --- the one record ----------------------------------------------------------------------------------
 
-    def record(self, t: Ticket, status: int) -> Awaitable[None] | None:
-        """Window bucket, breaker count, metrics and (shadows excepted) usage row of one outcome; returns what
-        the usage writer gives to await for the row to be durable (None: nothing to wait for)."""
+    def record(self, t: Ticket, status: int, *, usage_row: bool = True) -> Awaitable[None] | None:
+        """Window bucket, breaker count, metrics and (shadows and failed attempts excepted) usage row of one
+        outcome; returns what the usage writer gives to await for the row to be durable (None: nothing to wait
+        for)."""
         if t.principal is None:  # not authenticated: nobody to account it to
             return None
         latency_ms = (time.perf_counter() - t.t0) * 1000.0
@@ -273,7 +291,7 @@ class Recorder:
             self.m.tokens.inc(ct, tags={**tags, "kind": "completion"})
         if bs:
             self.m.batch.observe(bs, tags=tags)
-        if t.shadow:
+        if t.shadow or not usage_row:
             return None
         return self.usage.add(
             {
@@ -289,6 +307,7 @@ class Recorder:
                 "status": status,
                 "batch_size": bs,
                 "cache_hit": t.cache_hit,
+                "attempt": t.attempt,
             }
         )
 

@@ -65,11 +65,18 @@ class WeightStore:
         return self._bump()
 
     def put_version(
-        self, model: str, version: int, app: str, config: dict[str, Any], adapter: dict[str, Any] | None = None
+        self,
+        model: str,
+        version: int,
+        app: str,
+        config: dict[str, Any],
+        adapter: dict[str, Any] | None = None,
+        kind: str | None = None,
     ) -> int:
         """Add a live version with weight 0 (weight 1 when it is the model's only version). An ``adapter``
         version (``{name, uri, sha256, base}``) is served by its base's application ``app``, whose replicas load
-        it; the model's config stays the base's."""
+        it; the model's config stays the base's. ``kind: provider`` marks a hosted upstream (fallbacks order by
+        it)."""
         m = self.models.setdefault(model, {"config": config, "versions": {}})
         if adapter is None:
             m["config"] = config
@@ -78,6 +85,8 @@ class WeightStore:
         if adapter is not None:
             e["adapter"] = dict(adapter)
             e["holders"] = {}
+        if kind is not None:
+            e["kind"] = kind
         m["versions"][str(version)] = e
         return self._bump()
 

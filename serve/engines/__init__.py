@@ -4,6 +4,8 @@
   ``engine.batching: static``, the static batcher of :mod:`.hf_static` instead.
 - ``vllm`` (:mod:`.vllm`): vLLM's engine, a vLLM OpenAI server per replica on loopback.
 - ``echo`` (:mod:`.echo`): no weights, no compute (routing tests, benchmarks of the serving path).
+- ``provider`` (:mod:`.provider`): a hosted upstream from the version's ``Provider`` document — an OpenAI-compatible
+  API, or Bedrock's Converse; no weights here.
 """
 
 from __future__ import annotations
@@ -16,8 +18,23 @@ from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest
 __all__ = ["Delta", "Engine", "EngineError", "EngineRequest", "Finish", "build_engine", "collect", "merge_logprobs"]
 
 
-def build_engine(cfg: ServingConfig, *, uri: str | None, sha256: str | None, device: str | None) -> Engine:
-    """The engine ``cfg`` asks for, with the version's weights loaded (checked against ``sha256``)."""
+def build_engine(
+    cfg: ServingConfig,
+    *,
+    uri: str | None,
+    sha256: str | None,
+    device: str | None,
+    provider: dict[str, Any] | None = None,
+) -> Engine:
+    """The engine ``cfg`` asks for, with the version's weights loaded (checked against ``sha256``); for the
+    ``provider`` backend, the upstream of ``provider`` (a Provider document as a mapping)."""
+    if cfg.backend == "provider":
+        from slipway.policies.provider import Provider
+        from slipway.serve.engines.provider import provider_engine
+
+        if provider is None:
+            raise ValueError(f"{cfg.model}: the provider engine needs the version's Provider document")
+        return provider_engine(Provider.model_validate(provider))
     if cfg.backend == "echo":
         from slipway.serve.engines.echo import EchoEngine
 
@@ -55,11 +72,18 @@ def build_engine(cfg: ServingConfig, *, uri: str | None, sha256: str | None, dev
 
 
 def engine_request(
-    req: dict[str, Any], prompt: str, *, stream: bool, request_id: str, prompt_ids: list[Any] | None = None
+    req: dict[str, Any],
+    prompt: str,
+    *,
+    stream: bool,
+    request_id: str,
+    prompt_ids: list[Any] | None = None,
+    messages: list[dict[str, Any]] | None = None,
 ) -> EngineRequest:
     """The engine's view of a gateway payload (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``,
     ``deadline``, ``adapter``: the LoRA adapter of an adapter version); ``prompt_ids`` when the prompt has been
-    tokenized already."""
+    tokenized already; ``messages``, a chat's messages as given, for an engine that applies the chat template
+    upstream (a provider)."""
     return EngineRequest(
         request_id=request_id,
         prompt=prompt,
@@ -75,4 +99,5 @@ def engine_request(
         echo=bool(req.get("echo")),
         prompt_is_tokens=isinstance(req.get("prompt"), list),
         adapter=req.get("adapter"),
+        messages=tuple(dict(m) for m in messages) if messages else None,
     )

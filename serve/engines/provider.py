@@ -15,6 +15,10 @@ gateway's statuses:
 
 The key is read when the engine starts from the document's reference (``${ENV_VAR}`` or ``vault://``) and is
 never logged.
+
+:class:`BedrockEngine` is the same interface over Amazon Bedrock's Converse API (``api: bedrock``): boto3's
+``converse`` for a whole answer, ``converse_stream`` for a streamed one, each in a worker thread (boto3 blocks),
+mapped by :mod:`slipway.serve.providers.bedrock`.
 """
 
 from __future__ import annotations
@@ -175,6 +179,124 @@ class ProviderEngine(Engine):
 
     def stats(self) -> dict[str, Any]:
         return super().stats() | {"provider": self.doc.name, "upstream": self.doc.base_url}
+
+
+class BedrockEngine(Engine):
+    """Requests sent to Amazon Bedrock's Converse API (``doc``: a ``Provider`` with ``api: bedrock``). ``client``:
+    a ``bedrock-runtime`` client to use instead of one built from the document (tests pass a stubbed one)."""
+
+    name = "bedrock"
+
+    def __init__(self, doc: Any, *, client: Any = None) -> None:
+        super().__init__()
+        if doc.api != "bedrock":
+            raise ValueError(f"provider {doc.name}: the bedrock engine speaks api bedrock, not {doc.api}")
+        self.doc = doc
+        self._client = client if client is not None else self._build_client()
+
+    def _build_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        t = self.doc.timeouts
+        keys = {}
+        if self.doc.aws_access_key_id is not None:  # else the usual AWS chain (environment, profile, role)
+            keys = {
+                "aws_access_key_id": resolve_secret(self.doc.aws_access_key_id),
+                "aws_secret_access_key": resolve_secret(self.doc.aws_secret_access_key),
+            }
+        cfg = Config(connect_timeout=t.connect_s, read_timeout=t.first_token_s, retries={"max_attempts": 1})
+        return boto3.client("bedrock-runtime", region_name=self.doc.region, config=cfg, **keys)
+
+    def encode(self, text: str) -> list[Any]:
+        return text.split()  # a lower bound on Bedrock's tokens, as for the OpenAI-compatible engine
+
+    def payload(self, req: EngineRequest) -> dict[str, Any]:
+        """The model-server payload :func:`~slipway.serve.providers.bedrock.to_converse` maps."""
+        out: dict[str, Any] = {
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "stop": list(req.stop),
+            "extra": dict(req.extra),
+            "echo": req.echo,
+        }
+        if req.messages:
+            out["messages"] = [dict(m) for m in req.messages]
+        else:
+            out["prompt"] = req.prompt
+        return out
+
+    async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        from slipway.serve.providers import bedrock
+
+        self.refuse_adapter(req)
+        limits = self.doc.limits
+        if limits.max_tokens is not None and req.max_tokens > limits.max_tokens:
+            raise EngineError(400, f"max_tokens {req.max_tokens} exceeds this provider's limit of {limits.max_tokens}")
+        self.counters.requests += 1
+        left = req.time_left()
+        budget = self.doc.timeouts.total_s if left is None else min(self.doc.timeouts.total_s, left)
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                if not req.stream:
+                    out = await asyncio.to_thread(bedrock.converse, self._client, self.payload(req), self.doc.model)
+                    if out["text"]:
+                        yield Delta(out["text"], out["completion_tokens"])
+                    fin = Finish(out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
+                else:
+                    fin = None
+                    async for item in self._stream(req):
+                        if isinstance(item, Finish):
+                            fin = item
+                            break
+                        yield item
+                    assert fin is not None
+        except TimeoutError:
+            self.counters.timed_out += 1
+            raise EngineError(504, f"Bedrock did not finish within {budget:g}s") from None
+        except bedrock.ConverseError as e:
+            self.counters.failed += 1
+            raise UpstreamError(e.status, str(e)) from e
+        self.counters.finished += 1
+        self.counters.busy_s += time.perf_counter() - t0
+        yield fin
+
+    async def _stream(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        from botocore.exceptions import ClientError
+
+        from slipway.serve.providers import bedrock
+
+        def start() -> Any:
+            try:
+                resp = self._client.converse_stream(**bedrock.to_converse(self.payload(req), self.doc.model))
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                message = e.response.get("Error", {}).get("Message", code)
+                raise bedrock.ConverseError(bedrock.status_of(code), f"Bedrock: {message}") from e
+            return bedrock.stream_items(resp["stream"])
+
+        items = await asyncio.to_thread(start)
+        sent = 0
+        while True:  # each event is read in a worker thread: the replica's event loop never blocks on Bedrock
+            item = await asyncio.to_thread(next, items, None)
+            if item is None:
+                raise bedrock.ConverseError(502, "Bedrock's stream ended without its usage")
+            if "delta" in item:
+                sent += 1
+                yield Delta(item["delta"], sent)
+                continue
+            yield Finish(item["finish_reason"], item["prompt_tokens"], item["completion_tokens"])
+            return
+
+    def stats(self) -> dict[str, Any]:
+        return super().stats() | {"provider": self.doc.name, "region": self.doc.region}
+
+
+def provider_engine(doc: Any) -> Engine:
+    """The engine for a Provider document: :class:`ProviderEngine` (api openai) or :class:`BedrockEngine`."""
+    return ProviderEngine(doc) if doc.api == "openai" else BedrockEngine(doc)
 
 
 def _seconds(value: str | None) -> float | None:

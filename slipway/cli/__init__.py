@@ -8,11 +8,13 @@ from collections.abc import Sequence
 import typer
 
 from slipway.cli import (
+    canary_cmds,
     eval_cmds,
     governance_cmds,
     keys_cmds,
     llm_cmds,
     pipeline_cmds,
+    provider_cmds,
     registry_cmds,
     rollout_cmds,
     serve_cmds,
@@ -28,11 +30,13 @@ app = typer.Typer(
 registry_cmds.register(app)
 eval_cmds.register(app)
 rollout_cmds.register(app)
+canary_cmds.register(app)
 pipeline_cmds.register(app)
 llm_cmds.register(app)
 serve_cmds.register(app)
 keys_cmds.register(app)
 governance_cmds.register(app)
+provider_cmds.register(app)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

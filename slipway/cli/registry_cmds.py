@@ -165,6 +165,8 @@ def _version_row(v: Any) -> dict[str, Any]:
         "status": v.status,
         "status_reason": v.status_reason,
         "lineage": {
+            "source": "provider" if (v.params or {}).get("source") == "provider" else None,
+            "provider": ((v.params or {}).get("provider") or {}).get("name"),
             "base": v.base_version.ref if v.base_version else None,
             "dataset_digest": v.dataset_digest,
             "pipeline_run": v.pipeline_run_id,
@@ -186,7 +188,7 @@ def _versions_table(model: str, rows: list[dict[str, Any]]) -> None:
             [
                 r["version"],
                 r["status"],
-                r["lineage"]["base"],
+                r["lineage"]["base"] or (f"provider {r['lineage']['provider']}" if r["lineage"]["source"] else None),
                 (r["lineage"]["dataset_digest"] or "")[:12],
                 (r["lineage"]["pipeline_run"] or "")[:8],
                 len(r["artifacts"]),

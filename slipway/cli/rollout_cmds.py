@@ -29,6 +29,8 @@ def history(
     reg = open_registry()
     with reg.session() as s:
         catalog.get_model(s, model)
+        versions = catalog.list_versions(s, model)
+        providers = {str(v.version) for v in versions if (v.params or {}).get("source") == "provider"}
         rows = [
             {
                 "at": e.created_at,
@@ -46,12 +48,26 @@ def history(
     table(
         f"traffic history of {model}",
         ["time", "weights", "shadow", "why", "by"],
-        [[fmt_time(r["at"]), _shares(r["weights"]), _shares(r["shadow"]), r["reason"], r["actor"]] for r in rows],
+        [
+            [fmt_time(r["at"]), *(_shares(r[k], providers) for k in ("weights", "shadow")), r["reason"], r["actor"]]
+            for r in rows
+        ],
     )
+    from slipway.cli.canary_cmds import print_analyses
+
+    print_analyses(model)  # the newest canary's sequential analysis, as `slipway canary explain` shows it
 
 
-def _shares(weights: dict[str, Any]) -> str:
-    return ", ".join(f"v{v} {w * 100:g}%" for v, w in sorted(weights.items(), key=lambda x: int(x[0])) if w) or "-"
+def _shares(weights: dict[str, Any], providers: set[str] = frozenset()) -> str:
+    """``v3 90%, v4 (provider) 10%``: the versions with a share, provider versions marked."""
+    return (
+        ", ".join(
+            f"v{v}{' (provider)' if v in providers else ''} {w * 100:g}%"
+            for v, w in sorted(weights.items(), key=lambda x: int(x[0]))
+            if w
+        )
+        or "-"
+    )
 
 
 def _control() -> Any:

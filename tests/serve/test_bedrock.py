@@ -119,3 +119,122 @@ def test_an_error_event_mid_stream_raises_with_its_status():
     with pytest.raises(ConverseError) as e:
         next(items)
     assert e.value.status == 429 and "slow down" in str(e.value)
+
+
+# --- the bedrock engine: the same interface as the other engines, over boto3 -------------------------------
+
+
+def _doc():
+    from slipway.policies.provider import Provider
+
+    return Provider.model_validate(
+        {"apiVersion": "slipway/v1", "kind": "Provider", "name": "claude", "api": "bedrock", "region": "us-east-1",
+         "model": MODEL, "price": {"prompt_per_1k": 0.0008, "completion_per_1k": 0.004}}
+    )  # fmt: skip
+
+
+def _collect(engine, req):
+    import asyncio
+
+    from slipway.serve.engines import Delta
+
+    async def run():
+        return [item async for item in engine.submit(req)]
+
+    items = asyncio.run(run())
+    return "".join(i.text for i in items if isinstance(i, Delta)), items[-1], len(items) - 1
+
+
+def _frame(event_type: str, body: dict) -> bytes:
+    """One message of AWS's event stream encoding (prelude, headers, JSON payload, CRCs): what Bedrock sends."""
+    import json
+    import struct
+    import zlib
+
+    headers = b""
+    for k, v in ((":event-type", event_type), (":message-type", "event"), (":content-type", "application/json")):
+        kb, vb = k.encode(), v.encode()
+        headers += bytes([len(kb)]) + kb + bytes([7]) + struct.pack(">H", len(vb)) + vb
+    payload = json.dumps(body).encode()
+    prelude = struct.pack(">II", 12 + len(headers) + len(payload) + 4, len(headers))
+    msg = prelude + struct.pack(">I", zlib.crc32(prelude)) + headers + payload
+    return msg + struct.pack(">I", zlib.crc32(msg))
+
+
+class _Wire:
+    """A raw HTTP body botocore reads its event stream from (``stream()``), holding encoded messages."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_kw):
+        yield self.data
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_bedrock_engine_answers_a_chat_through_converse_with_its_usage(client):
+    import dataclasses
+
+    from slipway.serve.engines import EngineRequest
+    from slipway.serve.engines.provider import BedrockEngine
+
+    expected = {"modelId": MODEL, "system": [{"text": "be brief"}],
+                "messages": [{"role": "user", "content": [{"text": "hi"}]}],
+                "inferenceConfig": {"maxTokens": 16, "temperature": 0.0, "topP": 1.0}}  # fmt: skip
+    answer = {
+        "output": {"message": {"role": "assistant", "content": [{"text": "hello"}]}},
+        "stopReason": "end_turn",
+        "usage": {"inputTokens": 9, "outputTokens": 1, "totalTokens": 10},
+        "metrics": {"latencyMs": 50},
+    }
+    client.stub.add_response("converse", answer, expected)
+    req = EngineRequest(request_id="b", prompt="(rendered upstream)", max_tokens=16)
+    messages = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"})
+    req = dataclasses.replace(req, messages=messages)
+    text, fin, _ = _collect(BedrockEngine(_doc(), client=client), req)
+    assert text == "hello" and (fin.finish_reason, fin.prompt_tokens, fin.completion_tokens) == ("stop", 9, 1)
+
+
+def test_the_bedrock_engine_streams_converse_stream_events_as_they_arrive():
+    import json
+
+    from botocore.awsrequest import AWSResponse
+
+    from slipway.serve.engines import EngineRequest
+    from slipway.serve.engines.provider import BedrockEngine
+
+    events = [
+        ("messageStart", {"role": "assistant"}),
+        ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "see"}}),
+        ("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": " you"}}),
+        ("messageStop", {"stopReason": "max_tokens"}),
+        ("metadata", {"usage": {"inputTokens": 4, "outputTokens": 2, "totalTokens": 6}, "metrics": {"latencyMs": 9}}),
+    ]
+    wire = b"".join(_frame(t, b) for t, b in events)
+    c = boto3.client("bedrock-runtime", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    sent = []
+
+    def bedrock(request, **_kw):  # stands in for Bedrock's HTTP answer; botocore parses the real encoding
+        sent.append((request.url, json.loads(request.body)))
+        return AWSResponse(request.url, 200, {"content-type": "application/vnd.amazon.eventstream"}, _Wire(wire))
+
+    c.meta.events.register("before-send.bedrock-runtime.ConverseStream", bedrock)
+    req = EngineRequest(request_id="s", prompt="once", max_tokens=2, stream=True)
+    text, fin, deltas = _collect(BedrockEngine(_doc(), client=c), req)
+    assert (text, deltas) == ("see you", 2)
+    assert (fin.finish_reason, fin.prompt_tokens, fin.completion_tokens) == ("length", 4, 2)
+    url, body = sent[0]
+    assert url.endswith("/model/" + MODEL.replace(":", "%3A") + "/converse-stream")
+    assert body["messages"] == [{"role": "user", "content": [{"text": "once"}]}]
+
+
+def test_bedrock_throttling_is_an_upstream_429_for_the_gateway(client):
+    from slipway.serve.engines import EngineRequest
+    from slipway.serve.engines.provider import BedrockEngine, UpstreamError
+
+    client.stub.add_client_error("converse", service_error_code="ThrottlingException", service_message="slow down")
+    with pytest.raises(UpstreamError) as e:
+        _collect(BedrockEngine(_doc(), client=client), EngineRequest(request_id="t", prompt="x", max_tokens=4))
+    assert e.value.status == 429 and "slow down" in str(e.value)
