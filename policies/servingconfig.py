@@ -72,7 +72,8 @@ class FaultInjection(Strict):
 
 class AdapterSpec(Strict):
     """LoRA fine-tunes of this model's live versions served on their base's replicas (no Serve application of
-    their own, no extra GPU): the ``hf`` engine loads each live adapter into every replica of its base."""
+    their own, no extra GPU): the ``hf`` engine (continuous batching) and the ``vllm`` engine (``--enable-lora``,
+    adapters loaded at runtime) load each live adapter into every replica of its base."""
 
     enabled: bool = Field(
         default=False,
@@ -84,6 +85,11 @@ class AdapterSpec(Strict):
         ge=1,
         le=256,
         description="Most adapters live on one base at once; a deploy past it is refused. Default 8; 1-256.",
+    )
+    max_rank: Literal[8, 16, 32, 64, 128, 256] = Field(
+        default=64,
+        description="vllm engine: the largest LoRA rank an adapter may have (vLLM's --max-lora-rank; GPU memory is "
+        "reserved for it); an adapter of a larger rank is refused. Default 64.",
     )
 
 
@@ -351,11 +357,14 @@ class ServingConfig(Document):
         return self
 
     @model_validator(mode="after")
-    def adapters_need_the_continuous_hf_engine(self) -> ServingConfig:
-        if self.adapters.enabled and (self.backend != "hf" or self.engine.batching != "continuous"):
+    def adapters_need_an_engine_that_loads_them(self) -> ServingConfig:
+        if self.adapters.enabled and not (
+            self.backend == "vllm" or (self.backend == "hf" and self.engine.batching == "continuous")
+        ):
             raise ValueError(
-                "adapters.enabled needs backend: hf with engine.batching: continuous (the engine that loads LoRA "
-                f"adapters per request); this config has backend: {self.backend}, batching: {self.engine.batching}"
+                "adapters.enabled needs backend: vllm, or backend: hf with engine.batching: continuous (the engines "
+                "that load LoRA adapters per request); this config has backend: "
+                f"{self.backend}, batching: {self.engine.batching}"
             )
         return self
 

@@ -145,13 +145,13 @@ def deploy_version(
         provider = provider_of(registry, model, version)
     if provider is not None:
         return _deploy_provider(model, version, cfg, provider, registry=registry)
-    if cfg.backend == "hf" and uri is None:
+    if cfg.backend in ("hf", "vllm") and uri is None:
         if registry is None:
             raise ControlError(f"{model}:{version}: pass uri= or registry= to find its weights")
         from slipway.llm.checkpoint import version_artifact
 
         _ref, uri, sha256 = version_artifact(registry, f"{model}:{version}")
-    if uri is not None and cfg.backend == "hf":
+    if uri is not None and cfg.backend in ("hf", "vllm"):
         base = adapter_base(model, version, table, uri=uri, sha256=sha256, registry=registry, adapter_of=adapter_of)
         if base is not None:
             return _deploy_adapter(

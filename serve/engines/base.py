@@ -42,7 +42,7 @@ class EngineRequest:
     echo: bool = False  # the prompt comes first, as a Delta of 0 completion tokens (with its logprobs if asked)
     prompt_is_tokens: bool = False  # the client sent token ids (``prompt_ids``); ``prompt`` is their decoding
     messages: tuple[dict[str, Any], ...] | None = None  # a chat's messages as given (engines that template remotely)
-    adapter: str | None = None  # a LoRA adapter loaded in the engine: the base runs with it (hf; others refuse it)
+    adapter: str | None = None  # a LoRA adapter loaded in the engine: the base runs with it (hf, vllm)
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()

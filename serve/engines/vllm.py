@@ -13,6 +13,9 @@ replica rather than vLLM's ``AsyncLLM`` inside the replica's process or Ray's ``
 - a crash of vLLM (its engine core dies on a device fault) kills a child process, not the replica: in-flight
   requests are answered 500 and the next health check starts a new server.
 
+With ``adapters.enabled`` the server runs vLLM's LoRA (``--enable-lora``, adapters loaded and unloaded at
+runtime): adapter versions on this replica are requests with ``model: <adapter name>``, batched with the base's.
+
 The engine settings (``max_batch_size`` → ``--max-num-seqs``, ``engine.max_batch_tokens`` →
 ``--max-num-batched-tokens``, ``engine.prefix_caching``, ``dtype``, ``vllm.max_model_len``,
 ``vllm.gpu_memory_utilization``, ``vllm.tensor_parallel_size``) come from the ServingConfig.
@@ -66,6 +69,9 @@ def server_command(cfg: Any, model_dir: Path, port: int, python: str) -> list[st
     ]  # fmt: skip
     if cfg.dtype:
         cmd += ["--dtype", cfg.dtype]
+    if cfg.adapters.enabled:  # adapters loaded and unloaded at runtime (VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+        cmd += ["--enable-lora", "--max-loras", str(cfg.adapters.max_per_replica)]
+        cmd += ["--max-lora-rank", str(cfg.adapters.max_rank)]
     if v.enforce_eager:
         cmd.append("--enforce-eager")
     return cmd + list(v.extra_args)
@@ -86,6 +92,9 @@ class VLLMEngine(TokenizedEngine):
         self._closed = False
         self._client: Any = None
         self.log_path = Path(tempfile.gettempdir()) / f"slipway-vllm-{cfg.model}-{os.getpid()}.log"
+        self.adapters: dict[str, str] = {}  # LoRA adapters loaded: name -> directory (loaded again after a restart)
+        self._unloading: set[str] = set()
+        self._adapter_inflight: dict[str, int] = {}
         self._ready = threading.Event()
         self._start_error: EngineError | None = None
         threading.Thread(target=self._supervise, name="slipway-vllm", daemon=True).start()
@@ -125,6 +134,8 @@ class VLLMEngine(TokenizedEngine):
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
         if self.cfg.vllm.cpu_kv_cache_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.vllm.cpu_kv_cache_gib)
+        if self.cfg.adapters.enabled:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         cmd = server_command(self.cfg, self.model_dir, self.port, self.python)
         log.info("starting vLLM: %s", " ".join(cmd))
         out = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it for its whole life
@@ -133,6 +144,55 @@ class VLLMEngine(TokenizedEngine):
         )
         out.close()
         self._wait_ready(self.cfg.vllm.startup_timeout_s)
+        for name, path in dict(self.adapters).items():  # a replaced server holds what the old one held
+            status, text = self._lora_call("load", {"lora_name": name, "lora_path": path})
+            if status != 200:
+                log.error("adapter %r could not be loaded again after a restart: %s", name, _message(text))
+                self.adapters.pop(name, None)
+
+    # ------------------------------------------------------------------ adapters
+
+    def _lora_call(self, what: str, body: dict[str, Any]) -> tuple[int, str]:
+        import httpx
+
+        r = httpx.post(f"http://127.0.0.1:{self.port}/v1/{what}_lora_adapter", json=body, timeout=120)
+        return r.status_code, r.text
+
+    async def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Load the PEFT LoRA adapter saved at ``path`` into the vLLM server under ``name`` (vLLM's runtime LoRA
+        loading); requests naming it run with it, in the same batches as the base's. Kept across a restart of the
+        server. Raises :class:`EngineError` 409 (name taken), 400 (adapters not enabled, or vLLM refused it: a
+        rank past ``adapters.max_rank``, modules it cannot apply LoRA to)."""
+        if not self.cfg.adapters.enabled:
+            raise EngineError(400, f"{self.cfg.model}: adapters.enabled is off in this ServingConfig", param="model")
+        if name in self.adapters:
+            raise EngineError(409, f"adapter {name!r} is already loaded", param="model")
+        status, text = await asyncio.to_thread(self._lora_call, "load", {"lora_name": name, "lora_path": path})
+        if status != 200:
+            raise EngineError(400, f"vLLM refused adapter {name!r}: {_message(text)}", param="model")
+        self.adapters[name] = path
+        log.info("adapter %r loaded from %s", name, path)
+        return {"name": name, "path": path}
+
+    async def unload_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Unload adapter ``name``: new requests for it are refused (404) at once, the ones in flight finish, then
+        vLLM drops it. Raises :class:`EngineError` 404 (not loaded), 409 (requests still in flight at
+        ``timeout_s``; the adapter stays loaded)."""
+        if name not in self.adapters:
+            raise EngineError(404, f"adapter {name!r} is not loaded", param="model")
+        self._unloading.add(name)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._adapter_inflight.get(name):
+            if deadline is not None and time.monotonic() > deadline:
+                self._unloading.discard(name)
+                raise EngineError(409, f"adapter {name!r} still has requests in flight", param="model")
+            await asyncio.sleep(0.02)
+        status, text = await asyncio.to_thread(self._lora_call, "unload", {"lora_name": name})
+        self.adapters.pop(name, None)
+        self._unloading.discard(name)
+        if status != 200 and self.healthy():
+            log.warning("vLLM did not unload adapter %r (%s); it serves no more requests", name, _message(text))
+        log.info("adapter %r unloaded", name)
 
     def _wait_ready(self, timeout_s: float) -> None:
         import httpx
@@ -185,12 +245,25 @@ class VLLMEngine(TokenizedEngine):
         return self._client
 
     async def submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
-        self.refuse_adapter(req)
+        if req.adapter is not None and (req.adapter not in self.adapters or req.adapter in self._unloading):
+            raise EngineError(404, f"adapter {req.adapter!r} is not loaded on this replica", param="model")
         self.check_length(len(self.prompt_ids(req)), req.max_tokens)
         if not self.healthy():
             self.counters.failed += 1
             raise EngineError(500, "the vLLM server is down; a new one is starting")
-        body = openai_body(req, self.cfg.model)
+        if req.adapter is None:
+            async for item in self._submit(req):
+                yield item
+            return
+        self._adapter_inflight[req.adapter] = self._adapter_inflight.get(req.adapter, 0) + 1
+        try:
+            async for item in self._submit(req):
+                yield item
+        finally:
+            self._adapter_inflight[req.adapter] -= 1
+
+    async def _submit(self, req: EngineRequest) -> AsyncIterator[Delta | Finish]:
+        body = openai_body(req, req.adapter or self.cfg.model)  # vLLM runs a LoRA request by the adapter's name
         body["prompt"] = list(req.prompt_ids) if req.prompt_is_tokens and req.prompt_ids else req.prompt
         if req.echo:
             body["echo"] = True  # vLLM sends the prompt first (and its logprobs, when asked for)
@@ -254,6 +327,7 @@ class VLLMEngine(TokenizedEngine):
             pid=self.proc.pid if self.proc else None,
             port=self.port,
             python=self.python,
+            adapters=sorted(self.adapters),
             max_total_tokens=self.max_total_tokens,
         )
         return s
