@@ -52,6 +52,12 @@ class CanaryOutput(Strict):
     worst_case_rollback_s: float
     timeline: list[dict[str, Any]]
     traffic: dict[str, int] = Field(default_factory=dict, description="Synthetic requests sent / failed.")
+    decided_by: str | None = Field(
+        default=None, description="What decided: sequential (the plan's sequential analysis) or plan (every step)."
+    )
+    analysis: int | None = Field(
+        default=None, description="The canary analysis id (`slipway canary explain ID`), with analysis.sequential."
+    )
 
 
 def _serving_config(ctx: StepContext, name: str | None, model: str) -> Any:
@@ -148,6 +154,8 @@ def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
         sent = traffic.stop() if traffic else []
     counts = {"sent": len(sent), "failed": sum(1 for o in sent if o.status == 0 or o.status >= 500)}
     timeline = [{"t": e.t, "event": e.event, **e.detail} for e in result.timeline]
+    if result.analysis_id is not None:
+        _analysis_artifacts(ctx, result.analysis_id)
     if result.outcome != "completed":
         _release(reg, model, holder)
         raise RolledBack(
@@ -162,7 +170,46 @@ def canary(ctx: StepContext, inp: CanaryInput) -> CanaryOutput:
         worst_case_rollback_s=plan.worst_case_rollback_s,
         timeline=timeline,
         traffic=counts,
+        decided_by=result.decided_by,
+        analysis=result.analysis_id,
     )
+
+
+def _analysis_artifacts(ctx: StepContext, analysis_id: int) -> None:
+    """The canary analysis on the Prefect run: a table (per metric: estimate, confidence sequence, samples,
+    decision) and a PNG chart of the sequences, stored in the artifact store and shown as an image artifact."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
+    try:
+        from prefect.artifacts import create_image_artifact, create_table_artifact
+
+        from slipway.artifacts import open_store
+        from slipway.registry import canaries
+        from slipway.serve.canary.chart import sequence_png
+
+        with ctx.registry.session() as s:
+            a = canaries.get_analysis(s, str(analysis_id))
+            metrics, trajectory = list(a.metrics), dict(a.trajectory)
+            title = f"canary analysis {a.id}: v{a.candidate} vs v{a.champion}, {a.status} by {a.decided_by}"
+        table = [
+            {
+                "metric": m["metric"],
+                "estimate": round(m["estimate"], 5),
+                "low": None if m["low"] is None else round(m["low"], 5),
+                "high": None if m["high"] is None else round(m["high"], 5),
+                "samples": m["samples"],
+                "min_difference": m["min_difference"],
+                "decision": m["decision"],
+            }
+            for m in metrics
+        ]
+        create_table_artifact(table, key=f"canary-analysis-{analysis_id}", description=title)
+        ref = open_store().put(f"reports/canary/{analysis_id}/sequence.png", sequence_png(trajectory, metrics))
+        create_image_artifact(image_url=ref.uri, key=f"canary-sequence-{analysis_id}", description=title)
+    except Exception as e:  # an artifact is a nicety; the registry holds the record
+        ctx.logger.warning("could not publish the canary analysis artifacts: %s", e)
 
 
 def _release(reg: Any, model: str, holder: str) -> None:
