@@ -11,13 +11,17 @@ from slipway.policies.servingconfig import ServingConfig
 
 @dataclass(frozen=True)
 class Target:
-    """One version to serve, with where its weights are."""
+    """One version to serve, with where its weights are. ``adapter_of``: a LoRA version served as an adapter on
+    the replicas of that base version (which must be a target too, with ``adapters.enabled``); ``weight``: its
+    share of the model's traffic (default: the model's targets share it equally)."""
 
     model: str
     version: int
     config: ServingConfig
     uri: str | None = None
     sha256: str | None = None
+    adapter_of: int | None = None
+    weight: float | None = None
 
 
 def serve_config(
@@ -36,21 +40,24 @@ def serve_config(
     from slipway.serve.model_server import DEPLOYMENT_NAME, app_name
 
     routes = []
-    per_model: dict[str, int] = {}
-    for t in targets:
-        per_model[t.model] = per_model.get(t.model, 0) + 1
+    weights = _weights(targets)
     apps: list[dict[str, Any]] = []
     for t in targets:
         name = app_name(t.model, t.version)
-        routes.append(
-            {
-                "model": t.model,
-                "version": t.version,
-                "app": name,
-                "weight": 1.0 / per_model[t.model],
-                "config": t.config.model_dump(mode="json"),
-            }
-        )
+        route = {
+            "model": t.model,
+            "version": t.version,
+            "app": name,
+            "weight": weights[(t.model, t.version)],
+            "config": t.config.model_dump(mode="json"),
+        }
+        if t.adapter_of is not None:  # no application: the base's replicas load it (from the weight store)
+            _check_adapter(t, targets)
+            route["app"] = app_name(t.model, t.adapter_of)
+            route["adapter"] = {"name": name, "uri": t.uri, "sha256": t.sha256, "base": t.adapter_of}
+            routes.append(route)
+            continue
+        routes.append(route)
         opts = t.config.deployment_options()
         apps.append(
             {
@@ -86,6 +93,28 @@ def serve_config(
     cfg = {"proxy_location": "EveryNode", "http_options": {"host": host, "port": port}, "applications": apps}
     ServeDeploySchema.model_validate(cfg)
     return cfg
+
+
+def _weights(targets: list[Target]) -> dict[tuple[str, int], float]:
+    """Each target's weight: its own, or an equal share of what the model's explicit weights leave."""
+    out: dict[tuple[str, int], float] = {}
+    for model in {t.model for t in targets}:
+        mine = [t for t in targets if t.model == model]
+        given = sum(t.weight for t in mine if t.weight is not None)
+        rest = [t for t in mine if t.weight is None]
+        for t in mine:
+            out[(model, t.version)] = t.weight if t.weight is not None else max(0.0, 1.0 - given) / len(rest)
+    return out
+
+
+def _check_adapter(t: Target, targets: list[Target]) -> None:
+    base = next((b for b in targets if b.model == t.model and b.version == t.adapter_of), None)
+    if base is None or base.adapter_of is not None:
+        raise ValueError(f"{t.model}:{t.version} is an adapter of version {t.adapter_of}, which is not served here")
+    if not base.config.adapters.enabled:
+        raise ValueError(f"{t.model}:{t.version}: its base {t.model}:{t.adapter_of} has adapters.enabled off")
+    if not t.uri:
+        raise ValueError(f"{t.model}:{t.version}: an adapter target needs its artifact's uri")
 
 
 def kuberay_service(

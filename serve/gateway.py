@@ -95,7 +95,8 @@ class GatewaySettings(BaseModel):
     routes: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Versions to put in the weight store when it knows none of a model (config-file deploys): "
-        "[{model, version, app, weight, config}].",
+        "[{model, version, app, weight, config, adapter?}] (adapter: {name, uri, sha256, base} of a LoRA version "
+        "served on its base's application).",
     )
 
 
@@ -300,10 +301,10 @@ class Gateway:
         """Routes of a config-file deploy go into the store unless it already knows the model (the control
         plane's later weight changes win over the file)."""
         fresh: dict[str, dict[str, float]] = {}
-        for r in self.settings.routes:
+        for r in sorted(self.settings.routes, key=lambda r: "adapter" in r):  # a base before its adapters
             if r["model"] in table:
                 continue
-            await self.store.put_version.remote(r["model"], int(r["version"]), r["app"], r["config"])
+            await self.store.put_version.remote(r["model"], int(r["version"]), r["app"], r["config"], r.get("adapter"))
             fresh.setdefault(r["model"], {})[str(r["version"])] = float(r["weight"])
         for model, weights in fresh.items():
             await self.store.set_weights.remote(model, weights, {})

@@ -160,6 +160,19 @@ def serve_down() -> None:
     typer.echo("serving stopped" + (" and local Ray stopped" if out["stopped_ray"] else ""))
 
 
+def _adapter_base(reg: Any, model: str, version: int) -> int | None:
+    """The base version of ``model:version`` when it is a LoRA adapter of another version of the same model."""
+    from slipway.registry import catalog
+
+    with reg.session() as s:
+        mv = catalog.resolve(s, f"{model}:{version}")
+        parent = mv.base_version
+        has_adapter = any(a.kind == "adapter" for a in mv.artifacts)
+        if parent is None or not has_adapter or parent.model.name != model:
+            return None
+        return parent.version
+
+
 @serve_app.command("config")
 def serve_config(
     model: ModelOpt = None,
@@ -184,9 +197,16 @@ def serve_config(
     targets = []
     for m, v, cfg in local.production_targets(reg, model, _load_configs(config)):
         uri = sha = None
-        if cfg.backend == "hf":
+        if cfg.backend in ("hf", "vllm"):
             _ref, uri, sha = version_artifact(reg, f"{m}:{v}")
-        targets.append(Target(m, v, cfg, uri, sha))
+        base = _adapter_base(reg, m, v) if cfg.adapters.enabled else None
+        if base is None:
+            targets.append(Target(m, v, cfg, uri, sha))
+            continue
+        # production is a LoRA version: its base serves it as an adapter, at weight 0 itself (as after promotion)
+        _ref, base_uri, base_sha = version_artifact(reg, f"{m}:{base}")
+        targets.append(Target(m, base, cfg, base_uri, base_sha, weight=0.0))
+        targets.append(Target(m, v, cfg, uri, sha, adapter_of=base, weight=1.0))
     gateway = {"budget": budget_doc} if budget_doc else None
     doc = serve_config(targets, gateway=gateway, port=port, gateway_replicas=gateway_replicas)
     if kuberay:

@@ -139,6 +139,39 @@ def test_cli_serve_config_emits_a_valid_ray_serve_config(prod_home, tmp_path):
     ServeDeploySchema.model_validate(yaml.safe_load(kube["spec"]["serveConfigV2"]))
 
 
+def test_cli_serve_config_serves_a_lora_production_as_an_adapter_on_its_base(prod_home, tmp_path):
+    """Production promoted to a LoRA version of v1: with adapters.enabled the file deploys v1's application (weight
+    0) and routes v2 to it as an adapter; without, v2 gets an application of its own (its base merged)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from slipway.registry import Registry, catalog
+    from slipway.registry.catalog import ArtifactSpec
+
+    reg = Registry(f"sqlite:///{prod_home / 'registry.db'}", actor="setup")
+    with reg.session() as s:
+        v1 = catalog.resolve(s, "demo:1")
+        lora = [ArtifactSpec("adapter", "s3://b/demo/2-lora", "cd" * 32, 10)]
+        catalog.create_version(s, model="demo", base=v1, artifacts=lora)
+        catalog.set_alias(s, model="demo", alias="production", version=2, expected=1)
+    reg.dispose()
+    cfg_file = tmp_path / "serving.yaml"
+    cfg_file.write_text(
+        "apiVersion: slipway/v1\nkind: ServingConfig\nname: demo\nmodel: demo\nadapters: {enabled: true}\n"
+    )
+    r = _cli(prod_home, "serve", "config", "--config", str(cfg_file))
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load(r.stdout)
+    ServeDeploySchema.model_validate(doc)
+    assert [a["name"] for a in doc["applications"]] == ["slipway-gateway", "demo-v1"]
+    routes = {x["version"]: x for x in doc["applications"][0]["args"]["settings"]["routes"]}
+    assert routes[1]["weight"] == 0.0 and routes[2]["weight"] == 1.0
+    assert routes[2]["app"] == "demo-v1" and routes[2]["adapter"]["uri"] == "s3://b/demo/2-lora"
+    cfg_file.write_text(cfg_file.read_text().replace("enabled: true", "enabled: false"))
+    doc = yaml.safe_load(_cli(prod_home, "serve", "config", "--config", str(cfg_file)).stdout)
+    assert [a["name"] for a in doc["applications"]] == ["slipway-gateway", "demo-v2"]
+
+
 def test_cli_serve_config_carries_the_engine_settings(prod_home, tmp_path):
     import yaml
 

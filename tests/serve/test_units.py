@@ -173,3 +173,32 @@ def test_generated_serve_config_validates_and_keeps_secrets_out():
     assert apps["demo-v3"]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0.5
     assert "do-not-leak" not in str(c) and "pw@" not in str(c)
     assert "serveConfigV2" in kuberay_service(c)["spec"]
+
+
+def test_a_config_file_serves_an_adapter_version_on_its_base_s_application():
+    """Production on a LoRA version: the file has the base's application only, and a route that names the adapter
+    (the gateway seeds the weight store with it; the base's replicas load it from there)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from slipway.serve.deploy_config import Target, serve_config
+
+    on = cfg(adapters={"enabled": True})
+    c = serve_config(
+        [
+            Target("demo", 1, on, "s3://b/demo/1", "ab" * 32, weight=0.0),
+            Target("demo", 2, on, "s3://b/demo/2-lora", "cd" * 32, adapter_of=1, weight=1.0),
+        ]
+    )
+    ServeDeploySchema.model_validate(c)
+    assert [a["name"] for a in c["applications"]] == ["slipway-gateway", "demo-v1"]
+    routes = {r["version"]: r for r in c["applications"][0]["args"]["settings"]["routes"]}
+    assert (routes[1]["app"], routes[1]["weight"], "adapter" in routes[1]) == ("demo-v1", 0.0, False)
+    assert (routes[2]["app"], routes[2]["weight"]) == ("demo-v1", 1.0)
+    assert routes[2]["adapter"] == {"name": "demo-v2", "uri": "s3://b/demo/2-lora", "sha256": "cd" * 32, "base": 1}
+    with pytest.raises(ValueError, match="not served here"):
+        serve_config([Target("demo", 2, on, "s3://b/demo/2-lora", "cd" * 32, adapter_of=1)])
+    with pytest.raises(ValueError, match="adapters.enabled off"):
+        serve_config([Target("demo", 1, cfg()), Target("demo", 2, on, "s3://b/x", "cd" * 32, adapter_of=1)])
+    # without explicit weights the model's versions share its traffic equally
+    c = serve_config([Target("demo", 1, on, "s3://b/demo/1"), Target("demo", 2, on, "s3://b/x", adapter_of=1)])
+    assert [r["weight"] for r in c["applications"][0]["args"]["settings"]["routes"]] == [0.5, 0.5]
