@@ -291,12 +291,22 @@ def _deploy_adapter(
             if registry is not None:
                 _set_status(registry, name, "failed")
             raise ControlError(f"{model}:{version}: adapter refused: {reason}")
-        if running and len(e["holders"]) >= running:
+        if running and len(e["holders"]) >= running and _held_by_every_replica(model, version, base_app, name):
             break
         time.sleep(0.05)
     if registry is not None:
         _set_status(registry, name, "live")
     return base_app
+
+
+def _held_by_every_replica(model: str, version: int, app: str, adapter: str) -> bool:
+    """Whether every running replica of ``app`` holds ``adapter``, asked of the replicas themselves (the store's
+    holders can name a replica that died); holders no longer running are dropped from the store."""
+    infos = _replica_infos(app)
+    if any(adapter not in i.get("adapters", {}) for i in infos):
+        return False
+    _get(_store().prune_holders.remote(model, version, [i["replica"] for i in infos]))
+    return bool(infos)
 
 
 def _running_replicas(app: str) -> int:
@@ -516,6 +526,9 @@ def status() -> dict[str, Any]:
             if e["app"] in infos:  # which replicas of the shared application run it
                 held = [i for i in infos[e["app"]] if spec is None or spec["name"] in i.get("adapters", {})]
                 row["replicas"] = sorted(f"{i['replica']} (pid {i['pid']})" for i in held)
+                if spec is not None and set(e.get("holders", {})) - {i["replica"] for i in infos[e["app"]]}:
+                    running = [i["replica"] for i in infos[e["app"]]]  # a dead replica's entry: dropped
+                    _get(_store().prune_holders.remote(m, int(v), running))
             if e.get("error"):
                 row["error"] = e["error"]
             models[m][v] = row

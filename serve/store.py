@@ -104,6 +104,16 @@ class WeightStore:
             return self.rev
         return self._bump()
 
+    def prune_holders(self, model: str, version: int, running: list[str]) -> int:
+        """Forget the holders of an adapter version that are not among the ``running`` replicas (dead ones)."""
+        e = self.models.get(model, {}).get("versions", {}).get(str(version))
+        gone = [r for r in (e or {}).get("holders", {}) if r not in running]
+        if not gone:
+            return self.rev
+        for r in gone:
+            del e["holders"][r]
+        return self._bump()
+
     def adapter_failed(self, model: str, version: int, reason: str) -> int:
         """A replica refused the adapter (its artifact failed the sha256 check): the version takes no traffic."""
         e = self.models.get(model, {}).get("versions", {}).get(str(version))

@@ -90,6 +90,14 @@ def _replicas(app: str) -> dict[str, dict[str, Any]]:
     return {i["replica"]: i for i in _replica_infos(app)}
 
 
+def _store_entry(version: int) -> dict[str, Any]:
+    import ray
+
+    from slipway.serve.store import get_store
+
+    return ray.get(get_store().snapshot.remote())[1][MODEL]["versions"][str(version)]
+
+
 def _apps() -> set[str]:
     from ray import serve
 
@@ -291,6 +299,11 @@ def test_a_killed_base_replica_comes_back_with_the_adapter_loaded_before_it_answ
         )
         for i in now.values():
             assert i["adapters"] == {f"{MODEL}-v2": 2}, i
+        # the weight store's holders lose the dead replica once status has asked the running ones
+        assert sorted(control.status()["models"][MODEL]["2"]["replicas"]) == sorted(
+            f"{i['replica']} (pid {i['pid']})" for i in now.values()
+        )
+        assert set(_store_entry(2)["holders"]) == set(now)
         time.sleep(1.0)
     finally:
         stop.set()
