@@ -12,6 +12,19 @@ first failed request to the last request routed to the canary ("-" when no clien
 tripped on mirrored requests). Failed client requests are counted (mirrored requests never reach the client).
 Loopback only, bounded.
 Goals (issue 9): median <= 2 s, worst case <= 10 s. For scale: Flagger's defaults take ~120 s.
+
+    python bench/canary.py --simulated [--runs 4000] [--full-runs 200]
+
+Simulated sequential analysis (issue 19; in process, no servers, seeded): thousands of canaries whose pairs of
+answers (the same request answered by candidate and champion) are judged by the real judge (``checks``:
+valid_json; a wrong answer is not JSON) and decided by the real evidence (:class:`Evidence`, what the controller
+runs), looked at once per analysis interval (``--pairs-per-look`` pairs, 20 req/s mirrored at 50 %). Rows: a
+candidate as good as the champion (rolled back: goal <= alpha) and one 10 points worse on the wrong-answer rate
+(rolled back: goal >= 95 %), with 95 % Wilson intervals and the samples each needed; against the fixed-sample test
+of the same error rates (one-sided, alpha, power 0.95) and the fixed-window plan judged by the controller's own
+window check (``analysis.judge``: windows of 50 pairs, quality bound champion - 0.05, 2 failing windows in a row,
+6 windows). ``--full-runs`` more canaries per row go through ``Controller.run()`` itself (registry on SQLite,
+serving a scripted test double) to check the same rates end to end.
 """
 
 from __future__ import annotations
@@ -63,7 +76,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--rps", type=float, default=20.0)
+    p.add_argument("--simulated", action="store_true", help="simulated sequential analysis (issue 19) instead")
+    p.add_argument("--runs", type=int, default=4000, help="--simulated: canaries per row")
+    p.add_argument("--full-runs", type=int, default=200, help="--simulated: canaries per row through Controller.run")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--min-difference", type=float, default=0.1)
+    p.add_argument("--champion", type=float, default=0.1, help="--simulated: the champion's wrong-answer rate")
+    p.add_argument("--max-samples", type=int, default=2000)
+    p.add_argument("--pairs-per-look", type=int, default=10)
     args = p.parse_args()
+    if args.simulated:
+        from _canary_sim import simulate  # bench/_canary_sim.py
+
+        simulate(args)
+        return
 
     import ray
     from ray import serve
