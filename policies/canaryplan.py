@@ -162,6 +162,8 @@ class AnalysisMetric(Strict):
                 raise ValueError("quality takes `suite` (probes) or `judge` (live pairs), not both")
             if self.judge is not None and self.min_difference is None:
                 raise ValueError("quality with a `judge` needs `min_difference` (it is judged sequentially)")
+            if self.judge is None and self.min_difference is not None:
+                raise ValueError("min_difference on quality needs a `judge` (suite probes are judged by bounds)")
         elif self.judge is not None or self.suite is not None:
             raise ValueError(f"`judge` and `suite` belong to quality metrics, not {self.name}")
         if self.thresholdRange is None and self.relative is None and self.min_difference is None:

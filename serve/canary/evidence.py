@@ -117,7 +117,6 @@ class Evidence:
             if m.min_difference is not None
         ]
         self.pairs_seen = 0
-        self.pairs_used = 0
 
     @property
     def needs_pairs(self) -> bool:
@@ -146,7 +145,6 @@ class Evidence:
         if cand is None or champ is None:
             return []
         self.pairs_seen += 1
-        self.pairs_used += 1
         out = []
         for e in self.metrics:
             if e.source != "pairs" or e.test.decided is not None:

@@ -100,6 +100,13 @@ BAD = [
         id="judge-without-difference",
     ),
     pytest.param(
+        "    - {name: quality, suite: s, metric: m, min_difference: 0.1}\n",
+        "  sequential: {}\n",
+        "plan.yaml:9:7: analysis.metrics[0]: min_difference on quality needs a `judge` (suite probes are judged by "
+        "bounds)",
+        id="probe-with-difference",
+    ),
+    pytest.param(
         "    - {name: ttft_p99, min_difference: 50}\n",
         "  sequential: {}\n",
         "plan.yaml:9:7: analysis.metrics[0]: ttft_p99 has no sequential test (mirrored requests are not streamed): "
