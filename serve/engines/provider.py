@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from slipway.serve.engines.base import Delta, Engine, EngineError, EngineRequest, Finish, openai_body
-
-_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
 class UpstreamError(EngineError):
@@ -45,18 +41,13 @@ class UpstreamError(EngineError):
 
 
 def resolve_secret(ref: str | None) -> str | None:
-    """The value a ``${ENV_VAR}`` or ``vault://`` reference points to (None for None)."""
-    if ref is None:
-        return None
-    m = _ENV_REF.match(ref)
-    if m:
-        value = os.environ.get(m.group(1))
-        if value is None:
-            raise EngineError(500, f"the provider's key variable {m.group(1)} is not set in the replica's environment")
-        return value
-    from slipway import secrets
+    """The value a ``${ENV_VAR}`` or ``vault://`` reference points to (None for None); 500 when it is not set."""
+    from slipway.policies.provider import resolve_secret as resolve
 
-    return secrets.resolve(ref)
+    try:
+        return resolve(ref)
+    except LookupError as e:
+        raise EngineError(500, f"{e} in the replica's environment") from None
 
 
 class ProviderEngine(Engine):

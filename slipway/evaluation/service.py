@@ -48,6 +48,21 @@ def in_process_target(reg: Registry, ref: str) -> InProcessTarget:
     return target
 
 
+def provider_target(reg: Registry, ref: str) -> OpenAITarget | None:
+    """A provider version (``slipway provider register``) evaluated at its upstream, the same suite and examples
+    as any version — so a gate can compare a fine-tune with the provider it would replace; None for a version
+    with weights. Only ``api: openai`` upstreams: a Bedrock provider has no OpenAI-compatible endpoint to ask."""
+    from slipway.policies.provider import from_params, resolve_secret
+
+    with reg.session() as s:
+        doc = from_params(catalog.resolve(s, ref).params)
+    if doc is None:
+        return None
+    if doc.api != "openai" or doc.base_url is None:
+        raise ValueError(f"{ref}: provider {doc.name} (api {doc.api}) cannot be evaluated; only api openai can")
+    return OpenAITarget(ref, doc.base_url, doc.model, resolve_secret(doc.api_key) or "none")
+
+
 @dataclass
 class Evaluation:
     candidate: str
@@ -100,7 +115,7 @@ def evaluate(
     def target_for(ref: str) -> Target:
         if base_url:
             return OpenAITarget(ref, base_url, endpoint_model or ref.split(":")[0], api_key or "none")
-        return in_process_target(reg, ref)
+        return provider_target(reg, ref) or in_process_target(reg, ref)
 
     def one(ref: str, run_role: str, baseline: int | None) -> tuple[int, SuiteResult]:
         log.info("evaluating %s on %s (%d examples)", ref, suite.name, len(examples))
