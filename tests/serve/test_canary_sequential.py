@@ -20,9 +20,10 @@ class PairedServing(FakeServing):
     """20 requests/s; the candidate answers wrong with ``wrong`` and fails with ``errors``; ``pairs_per_s`` of
     them are answered by both versions while a share is mirrored."""
 
-    def __init__(self, clock, *, wrong=0.0, errors=0.0, champion_errors=0.0, seed=7):
+    def __init__(self, clock, *, wrong=0.0, errors=0.0, champion_errors=0.0, slower_ms=1.0, seed=7):
         super().__init__(clock)
         self.wrong, self.errors, self.champion_errors = wrong, errors, champion_errors
+        self.slower_ms = slower_ms
         self.rng = random.Random(seed)
         self.taken_at = 0.0
         self.pair_ids = 0
@@ -55,8 +56,8 @@ class PairedServing(FakeServing):
                     "request_id": f"r{self.pair_ids}",
                     "request": "q",
                     "answers": {
-                        "1": {"status": 200, "latency_ms": 20.0, "text": right},
-                        "2": {"status": 200, "latency_ms": 21.0, "text": cand},
+                        "1": {"status": 200, "latency_ms": 20.0 + self.rng.gauss(0, 5), "text": right},
+                        "2": {"status": 200, "latency_ms": 20.0 + self.slower_ms + self.rng.gauss(0, 5), "text": cand},
                     },
                 }
             )
@@ -149,3 +150,18 @@ def test_pairs_are_formed_in_both_directions_during_weighted_steps(world):  # no
     # at 100 % only the champion is mirrored; at completion nothing
     assert shadows == [{"2": 0.5}, {"2": 0.5, "1": 0.2}, {"2": 0.5, "1": 0.2}, {"1": 0.2}, {}]
     assert "awaiting_sequential_decision" in [t.event for t in result.timeline]
+
+
+def test_latency_is_judged_on_paired_differences_in_ms(world):  # noqa: F811
+    metrics = [{"name": "latency_p50", "min_difference": 10}]
+    plan = {**SEQ_PLAN, "analysis": {**SEQ_PLAN["analysis"], "metrics": metrics}}
+    slow = _run(world, plan=plan, slower_ms=30.0)
+    assert slow.outcome == "rolled_back", slow.reason
+    assert slow.reason.startswith("sequential: latency_p50: worse than the champion (difference 3"), slow.reason
+
+
+def test_a_latency_within_the_minimal_difference_is_promoted(world):  # noqa: F811
+    metrics = [{"name": "latency_p50", "min_difference": 10}]
+    plan = {**SEQ_PLAN, "analysis": {**SEQ_PLAN["analysis"], "metrics": metrics}}
+    result = _run(world, plan=plan, slower_ms=1.0)
+    assert result.outcome == "completed" and "latency_p50 < 10" in result.reason, result.reason
