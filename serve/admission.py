@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,15 +97,32 @@ class Admission:
 class Budgets:
     """A gateway's :class:`BudgetGuard` (or none): hold before the request, settle or release after it."""
 
-    def __init__(self, guard: BudgetGuard | None, *, spend: Any) -> None:
+    def __init__(
+        self,
+        guard: BudgetGuard | None,
+        *,
+        spend: Any,
+        prices: Callable[[str, str | None], dict[str, float] | None] | None = None,
+    ) -> None:
         self.guard, self.spend = guard, spend
+        self.prices = prices  # (model, version) -> a provider version's own price, None for the others
 
-    async def reserve(self, principal: Principal, model: str, prompt_bound: int, max_tokens: int) -> Reservation | None:
+    def estimate(self, model: str, version: str | None, prompt_tokens: int, completion_tokens: int) -> float:
+        """Dollars at the version's own price (a provider version's Provider document), else the model's."""
+        price = self.prices(model, version) if self.prices is not None else None
+        if price:
+            return (prompt_tokens * price["prompt_per_1k"] + completion_tokens * price["completion_per_1k"]) / 1000.0
+        assert self.guard is not None
+        return self.guard.estimate(model, prompt_tokens, completion_tokens)
+
+    async def reserve(
+        self, principal: Principal, model: str, prompt_bound: int, max_tokens: int, version: str | None = None
+    ) -> Reservation | None:
         """Hold the request's worst-case cost on its key's, team's and model's budgets; raises
         :class:`~slipway.serve.budget.InsufficientQuota` (429) when one is full."""
         if self.guard is None:
             return None
-        estimate = self.guard.estimate(model, prompt_bound, max_tokens)
+        estimate = self.estimate(model, version, prompt_bound, max_tokens)
         who = principal.key_name or principal.subject
         return await self.guard.areserve(who, estimate, team=principal.team, model=model)
 
@@ -118,7 +136,7 @@ class Budgets:
             if t.charge is None:
                 await self.guard.arelease(hold)
                 return
-            cost = self.guard.estimate(t.model, *t.charge)
+            cost = self.estimate(t.model, t.version, *t.charge)
             if cost > 0:  # Ray counters refuse increments of 0
                 self.spend.inc(cost, tags={"model": t.model, "version": t.version or "none"})
             await self.guard.asettle(hold, cost)
@@ -239,7 +257,7 @@ class Admitter:
         route = self.table.choose(model, sticky, self.rng)
         if route is None:
             raise Overloaded(f"model {model!r} has no version taking traffic", headers={"retry-after": "1"})
-        hold = await self.budgets.reserve(principal, model, bound, completion_bound)
+        hold = await self.budgets.reserve(principal, model, bound, completion_bound, route.version)
         return Admission(principal, route, limits, hold, payload, bound)
 
     async def _limit(self, principal: Principal, rpm: int | None, tpm: int | None, tokens: int) -> Limits:

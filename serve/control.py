@@ -196,7 +196,8 @@ def _deploy_provider(
         if registry is not None:
             _set_status(registry, name, "failed")
         raise
-    _get(_store().put_version.remote(model, version, name, cfg.model_dump(mode="json"), kind="provider"))
+    price = provider.get("price")
+    _get(_store().put_version.remote(model, version, name, cfg.model_dump(mode="json"), kind="provider", price=price))
     if registry is not None:
         _set_status(registry, name, "live")
     return name

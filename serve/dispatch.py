@@ -88,6 +88,11 @@ class RoutingTable:
         version = choose(self.table[model]["versions"], sticky, rng)
         return None if version is None else self.route(model, version)
 
+    def price(self, model: str, version: str | None) -> dict[str, float] | None:
+        """A provider version's own per-token price (``{prompt_per_1k, completion_per_1k}``), None for the others."""
+        e = self.table.get(model, {}).get("versions", {}).get(version or "")
+        return e.get("price") if e else None
+
     def fallbacks(self, chosen: Route) -> list[Route]:
         """The live versions a request goes on to when ``chosen`` fails, in the order of its config's
         ``fallbacks.order`` (by kind: ``provider`` versions are marked so in the table, the others are

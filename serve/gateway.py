@@ -268,7 +268,7 @@ class Gateway:
         self.inflight = InFlight()
         m = _instruments()
         self.m = m
-        self.budgets = budgets = Budgets(budget_guard(st.budget, st.redis_url), spend=m.spend)
+        self.budgets = budgets = Budgets(budget_guard(st.budget, st.redis_url), spend=m.spend, prices=self.table.price)
         self.recorder = Recorder(
             instruments=m,
             usage=self.usage,

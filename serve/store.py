@@ -72,11 +72,12 @@ class WeightStore:
         config: dict[str, Any],
         adapter: dict[str, Any] | None = None,
         kind: str | None = None,
+        price: dict[str, float] | None = None,
     ) -> int:
         """Add a live version with weight 0 (weight 1 when it is the model's only version). An ``adapter``
         version (``{name, uri, sha256, base}``) is served by its base's application ``app``, whose replicas load
         it; the model's config stays the base's. ``kind: provider`` marks a hosted upstream (fallbacks order by
-        it)."""
+        it), ``price`` its per-token price (budgets charge its requests with it)."""
         m = self.models.setdefault(model, {"config": config, "versions": {}})
         if adapter is None:
             m["config"] = config
@@ -87,6 +88,8 @@ class WeightStore:
             e["holders"] = {}
         if kind is not None:
             e["kind"] = kind
+        if price is not None:
+            e["price"] = dict(price)
         m["versions"][str(version)] = e
         return self._bump()
 

@@ -184,3 +184,31 @@ def test_without_a_fallback_a_cooling_upstream_is_answered_429_at_once_with_the_
     with pytest.raises(UpstreamRateLimited) as e:
         asyncio.run(rig.run("3", {}))
     assert rig.calls == ["3"] and e.value.headers["retry-after"] == "3"
+
+
+def test_a_provider_version_s_requests_are_held_and_charged_at_its_own_price_the_others_at_the_model_s():
+    """The budget hold and the settled spend of a request use the Provider document's price for a provider
+    version (carried in the routing table) and the CostBudget's token price of the model for the others."""
+    from slipway.serve.admission import Budgets, budget_guard
+    from slipway.serve.recording import Ticket
+
+    doc = {"apiVersion": "slipway/v1", "kind": "CostBudget", "name": "b",
+           "pricing": {"tokens": [{"model": "m", "prompt_per_1k": 1.0, "completion_per_1k": 1.0}]},
+           "budgets": [{"name": "m-day", "model": "m", "window": "day", "hard": 100.0}]}  # fmt: skip
+    t = _table(["provider"])
+    t.table["m"]["versions"]["3"]["price"] = {"prompt_per_1k": 10.0, "completion_per_1k": 30.0}
+    spend = MetricDouble()
+    budgets = Budgets(budget_guard(doc, None), spend=spend, prices=t.price)
+    assert budgets.estimate("m", "3", 1000, 100) == pytest.approx(10.0 + 3.0)
+    assert budgets.estimate("m", "1", 1000, 100) == pytest.approx(1.1)
+
+    async def request(version: str) -> None:
+        hold = await budgets.reserve(CALLER, "m", 1000, 100, version)
+        ticket = Ticket(rid=version, t0=0.0, model="m", principal=CALLER, version=version, hold=hold)
+        ticket.answered({"prompt_tokens": 500, "completion_tokens": 50})
+        await budgets.close(ticket)
+
+    asyncio.run(request("3"))
+    asyncio.run(request("1"))
+    assert [(c[1], c[2]["version"]) for c in spend.calls] == [(pytest.approx(6.5), "3"), (pytest.approx(0.55), "1")]
+    assert budgets.guard.status()[0].spent == pytest.approx(6.5 + 0.55)

@@ -132,6 +132,12 @@ def test_a_provider_version_answers_through_the_gateway_with_the_upstream_s_text
     )  # fmt: skip
     status = control.status()["applications"][f"{model}-v{v}"]
     assert status["status"] == "RUNNING"
+    import ray
+
+    from slipway.serve.store import get_store
+
+    entry = ray.get(get_store().snapshot.remote())[1][model]["versions"][str(v)]
+    assert entry["kind"] == "provider" and entry["price"] == {"prompt_per_1k": 0.5, "completion_per_1k": 1.5}
 
 
 def test_an_upstream_429_reaches_the_client_with_its_retry_after_and_the_upstream_is_left_alone_until_then(
