@@ -54,9 +54,10 @@ def judge(
     failures: list[str] = []
     values: dict[str, Any] = {"requests": served}
     for m in analysis.metrics:
-        if m.name == "quality":  # online evaluation: the probe scored both versions on the same examples
-            value = (quality or {}).get(m.metric or "")
-            base = (quality or {}).get(f"champion:{m.metric}")
+        if m.name == "quality":  # online evaluation: both versions scored on the same examples or requests
+            key = m.label if m.judge is not None else (m.metric or "")  # judged: the window's pairs' mean scores
+            value = (quality or {}).get(key)
+            base = (quality or {}).get(f"champion:{key}")
         else:
             value = metric_value(canary, m.name)
             base = metric_value(champion, m.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,7 @@ class Controller:
         self.analysis_id: int | None = None
         self.counts_from: int | None = None  # epoch second from which window counts are not yet in the evidence
         self.pairing = self.evidence is not None and self.evidence.needs_pairs
+        self._judged: deque[tuple[float, str, float, float]] = deque(maxlen=10_000)  # (t, label, cand, champ)
         self._saved_at = -1e9
         self.timeline: list[TimelineEntry] = []
         self.weight = 0.0
@@ -244,7 +246,25 @@ class Controller:
                 values = {"requests": int((m.get(str(self.candidate)) or {}).get("requests", 0))}
                 return Verdict("fail", [f"{self.model}:{self.candidate} is unhealthy in Serve: {detail}"], values)
         quality = self.quality_probe(self) if self.quality_probe is not None else None
+        judged = self._judged_window(seconds)
+        if judged:
+            quality = {**(quality or {}), **judged}
         return judge(a, m.get(str(self.candidate)), m.get(str(self.champion)), quality)
+
+    def _judged_window(self, seconds: float) -> dict[str, float]:
+        """Per judged quality metric, the mean scores of the pairs judged in the last ``seconds`` (candidate's under
+        the metric's label, the champion's under ``champion:<label>``): what its fixed bounds, if any, guard."""
+        since = self.clock() - seconds
+        while self._judged and self._judged[0][0] < since:
+            self._judged.popleft()
+        sums: dict[str, list[float]] = {}
+        for _t, label, cand, champ in self._judged:
+            acc = sums.setdefault(label, [0.0, 0.0, 0.0])
+            acc[0], acc[1], acc[2] = acc[0] + cand, acc[1] + champ, acc[2] + 1
+        out = {}
+        for label, (cand, champ, n) in sums.items():
+            out[label], out[f"champion:{label}"] = cand / n, champ / n
+        return out
 
     def _tick(self) -> RolloutResult | None:
         """One analysis interval: breaker first, then the window's verdict (the fixed bounds, guards), then the
@@ -281,6 +301,8 @@ class Controller:
         if ev.needs_pairs:
             for pair in self.control.take_pairs(self.model, limit=PAIRS_PER_TICK):
                 scores += ev.add_pair(pair)
+        now = self.clock()
+        self._judged.extend((now, p.metric, p.candidate, p.champion) for p in scores if p.metric.startswith("quality."))
         if scores:
             with self.reg.session() as s:
                 canaries.record_pair_scores(

@@ -31,6 +31,14 @@ class PairedServing(FakeServing):
     def wall(self):
         return EPOCH + self.clock()
 
+    def metrics(self, model, *, seconds=None, last_n=None):
+        """As the gateway's windows: a version's mirrored requests count in its window too."""
+        out = super().metrics(model, seconds=seconds, last_n=last_n)
+        for v, share in self.shadow.items():
+            if v in out and not (seconds and seconds > 100):
+                out[v]["requests"] += int(20 * share * (seconds or 10))
+        return out
+
     def counts(self, model, *, start, end):
         seconds = end - start
         cand = self.weights.get("2", 0.0) + self.shadow.get("2", 0.0)
@@ -165,3 +173,14 @@ def test_a_latency_within_the_minimal_difference_is_promoted(world):  # noqa: F8
     plan = {**SEQ_PLAN, "analysis": {**SEQ_PLAN["analysis"], "metrics": metrics}}
     result = _run(world, plan=plan, slower_ms=1.0)
     assert result.outcome == "completed" and "latency_p50 < 10" in result.reason, result.reason
+
+
+def test_a_judged_quality_metrics_fixed_bound_guards_each_window_of_pairs(world):  # noqa: F811
+    """Neither version's answer is JSON, so the sequence sees no difference; the bound on the candidate's window
+    mean of judged pairs (a guard) still rolls it back."""
+    judged = {"checks": {"valid_json": True}}
+    metrics = [{"name": "quality", "min_difference": 0.1, "thresholdRange": {"min": 0.5}, "judge": judged}]
+    plan = {**SEQ_PLAN, "analysis": {**SEQ_PLAN["analysis"], "metrics": metrics}}
+    result = _run(world, plan=plan)
+    assert result.outcome == "rolled_back" and result.decided_by == "guard", result.reason
+    assert result.reason == "analysis: quality 0 below min 0.5", result.reason
