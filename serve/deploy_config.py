@@ -13,7 +13,8 @@ from slipway.policies.servingconfig import ServingConfig
 class Target:
     """One version to serve, with where its weights are. ``adapter_of``: a LoRA version served as an adapter on
     the replicas of that base version (which must be a target too, with ``adapters.enabled``); ``weight``: its
-    share of the model's traffic (default: the model's targets share it equally)."""
+    share of the model's traffic (default: the model's targets share it equally); ``provider``: a provider
+    version's Provider document (secrets as references), served by ``config.for_provider()`` replicas."""
 
     model: str
     version: int
@@ -22,6 +23,7 @@ class Target:
     sha256: str | None = None
     adapter_of: int | None = None
     weight: float | None = None
+    provider: dict[str, Any] | None = None
 
 
 def serve_config(
@@ -57,8 +59,12 @@ def serve_config(
             route["adapter"] = {"name": name, "uri": t.uri, "sha256": t.sha256, "base": t.adapter_of}
             routes.append(route)
             continue
+        cfg = t.config
+        if t.provider is not None:  # the gateway routes by the model's config; the replicas forward upstream
+            cfg = t.config.for_provider()
+            route["kind"], route["price"] = "provider", t.provider.get("price")
         routes.append(route)
-        opts = t.config.deployment_options()
+        opts = cfg.deployment_options()
         apps.append(
             {
                 "name": name,
@@ -67,10 +73,11 @@ def serve_config(
                 "args": {
                     "model": t.model,
                     "version": t.version,
-                    "config": t.config.model_dump(mode="json"),
+                    "config": cfg.model_dump(mode="json"),
                     "uri": t.uri,
                     "sha256": t.sha256,
-                },
+                }
+                | ({"provider": t.provider} if t.provider is not None else {}),
                 "deployments": [{"name": DEPLOYMENT_NAME, **opts}],
             }
         )

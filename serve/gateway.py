@@ -304,7 +304,9 @@ class Gateway:
         for r in sorted(self.settings.routes, key=lambda r: "adapter" in r):  # a base before its adapters
             if r["model"] in table:
                 continue
-            await self.store.put_version.remote(r["model"], int(r["version"]), r["app"], r["config"], r.get("adapter"))
+            await self.store.put_version.remote(
+                r["model"], int(r["version"]), r["app"], r["config"], r.get("adapter"), r.get("kind"), r.get("price")
+            )
             fresh.setdefault(r["model"], {})[str(r["version"])] = float(r["weight"])
         for model, weights in fresh.items():
             await self.store.set_weights.remote(model, weights, {})

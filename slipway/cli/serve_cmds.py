@@ -189,13 +189,17 @@ def serve_config(
     import yaml
 
     from slipway.llm.checkpoint import version_artifact
-    from slipway.serve import local
+    from slipway.serve import control, local
     from slipway.serve.deploy_config import Target, kuberay_service, serve_config
 
     budget_doc = _budget(budget)
     reg = open_registry()
     targets = []
     for m, v, cfg in local.production_targets(reg, model, _load_configs(config)):
+        provider = control.provider_of(reg, m, v)
+        if provider is not None:  # a hosted model: no weights, replicas that forward to its upstream
+            targets.append(Target(m, v, cfg, provider=provider))
+            continue
         uri = sha = None
         if cfg.backend in ("hf", "vllm"):
             _ref, uri, sha = version_artifact(reg, f"{m}:{v}")

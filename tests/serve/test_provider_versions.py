@@ -113,3 +113,24 @@ def test_the_cost_report_shows_provider_tokens_give_way_to_gpu_seconds_after_the
     assert provider["gpu_seconds"] == 0
     assert finetune["token_cost"] == 0 and finetune["gpu_seconds"] == pytest.approx(86_400)
     assert finetune["cost"] == pytest.approx(48.0)
+
+
+def test_the_generated_serve_config_runs_a_provider_production_on_forwarding_replicas_and_routes_it_as_one(
+    tmp_path,
+):
+    import yaml
+
+    home, doc = tmp_path / "home", tmp_path / "openai.yaml"
+    doc.write_text(PROVIDER)
+    assert run(home, "provider", "register", str(doc), "--model", "assistant", "--alias", "production").returncode == 0
+    r = run(home, "serve", "config", "--model", "assistant")
+    assert r.returncode == 0, r.stderr
+    apps = {a["name"]: a for a in yaml.safe_load(r.stdout)["applications"]}
+    app = apps["assistant-v1"]
+    assert app["args"]["provider"]["base_url"] == "https://api.openai.com/v1"
+    assert app["args"]["provider"]["api_key"] == "${OPENAI_API_KEY}" and "sk-never-stored" not in r.stdout
+    assert app["args"]["config"]["backend"] == "provider" and app["args"]["uri"] is None
+    assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
+    (route,) = apps["slipway-gateway"]["args"]["settings"]["routes"]
+    assert route["kind"] == "provider" and route["price"] == {"prompt_per_1k": 0.15, "completion_per_1k": 0.6}
+    assert route["config"]["backend"] == "hf"  # the gateway keeps routing by the model's own config
