@@ -68,9 +68,9 @@ def _artifacts(analysis: int) -> dict[str, Any]:
 
 def test_a_pipeline_canary_of_a_wrong_candidate_fails_on_its_judged_pairs_and_leaves_its_analysis(
     stack,
-    canary_model,
+    canary_model,  # noqa: F811
     prefect_api,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ) -> None:
     reg = canary_model
     result, candidate = _run(stack, reg, tmp_path, {"error_rate": 0.0, "wrong_answer_rate": 0.3})
@@ -89,9 +89,9 @@ def test_a_pipeline_canary_of_a_wrong_candidate_fails_on_its_judged_pairs_and_le
 
 def test_a_pipeline_canary_of_an_identical_candidate_completes_on_its_evidence(
     stack,
-    canary_model,
+    canary_model,  # noqa: F811
     prefect_api,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ) -> None:
     reg = canary_model
     result, candidate = _run(stack, reg, tmp_path, None)
