@@ -122,3 +122,52 @@ def test_an_llm_judge_served_by_the_gateway_is_asked_in_both_orders(stack, canar
     assert traffic.failed() == [] and len(scores) >= 20
     assert all(len(sc.detail["verdicts"]) == 2 and sc.detail["winner"] == "tie" for sc in scores), scores[0].detail
     assert {sc.difference for sc in scores} == {0.0}
+
+
+def test_a_pairs_shadow_answer_is_prompt_logged_redacted_for_an_opted_in_model(stack, prompt_log_vault):
+    """``tiny`` opted in to prompt logging: with a second version mirrored, a request's pair reaches the controller's
+    queue, and the shadow's answer is in the prompt log (redacted, sealed) under ``<request id>:shadow``."""
+    import time
+
+    import ray
+
+    from slipway.artifacts import open_store
+    from slipway.llm.checkpoint import version_artifact
+    from slipway.policies.servingconfig import ServingConfig
+    from slipway.secrets import VaultClient, VaultSettings
+    from slipway.serve import control, promptlog
+    from slipway.serve.store import get_store
+    from tests.plugins.serving import PROMPT_LOG_KEY
+
+    _ref, uri, sha256 = version_artifact(stack.registry, f"{TINY}:1")
+    cfg = ServingConfig.model_validate(ray.get(get_store().snapshot.remote())[1][TINY]["config"])
+    control.deploy_version(TINY, 2, config=cfg, uri=uri, sha256=sha256)
+    try:
+        control.set_weights(TINY, {1: 1.0}, shadow={2: 1.0})
+        client = stack.client(stack.key())
+        pii = f"mail ana.lopez@example.org about order {time.time_ns()}"  # unique: a cache hit is not mirrored
+        r = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": pii}], max_tokens=4)
+        rid = r.id.split("-", 1)[1]
+        pair, deadline = None, time.monotonic() + 20
+        while pair is None and time.monotonic() < deadline:
+            pair = next((p for p in control.take_pairs(TINY) if p["request_id"] == rid), None)
+            time.sleep(0.2)
+        assert pair is not None
+        assert pair["primary"] == "1" and set(pair["answers"]) == {"1", "2"}
+        assert pair["answers"]["1"]["text"] == r.choices[0].message.content
+        assert pair["answers"]["2"]["status"] == 200
+        store = open_store(prompt_log_vault.artifact_root)
+        enc = promptlog.TransitEncryptor(
+            VaultClient(VaultSettings(addr=prompt_log_vault.url, token=prompt_log_vault.token)), PROMPT_LOG_KEY
+        )
+        found, deadline = None, time.monotonic() + 15
+        while found is None and time.monotonic() < deadline:
+            for key in store.list("prompt-logs"):
+                found = next((x for x in promptlog.read(store, key, enc) if x["request_id"] == f"{rid}:shadow"), found)
+            time.sleep(0.3)
+        assert found is not None
+        assert found["version"] == 2 and found["response"] == pair["answers"]["2"]["text"]
+        assert found["prompt"] == [{"role": "user", "content": pii.replace("ana.lopez@example.org", "[EMAIL]")}]
+    finally:
+        control.set_weights(TINY, {1: 1.0}, shadow={})
+        control.remove_version(TINY, 2, drain_timeout_s=5)
