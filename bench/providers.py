@@ -134,6 +134,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument(
+        "--ingress",
+        choices=("haproxy", "proxy"),
+        default="proxy",
+        help="Ray Serve's ingress in front of the gateway: proxy (Ray's default) or haproxy (its throughput "
+        "configuration, as `slipway serve up --ingress haproxy`)",
+    )
     args = p.parse_args()
 
     import ray
@@ -169,7 +176,16 @@ def main() -> None:
             catalog.create_version(s, model="fallback", params=provider("proxy-500", f"{proxy}/500/v1"))
             catalog.create_version(s, model="fallback", params=provider("proxy-ok", f"{proxy}/ok/v1"))
             _k, secret = keys.create_key(s, name="bench")
-        ray.init(address="local", num_cpus=2, namespace="slipway", include_dashboard=False, log_to_driver=False)
+        from slipway.serve.local import INGRESS_ENV
+
+        ray.init(
+            address="local",
+            num_cpus=2,
+            namespace="slipway",
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": dict(INGRESS_ENV[args.ingress])},
+        )
         port = _port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         control.deploy_gateway({"database_url": reg.engine.url.render_as_string(hide_password=False)})
@@ -198,7 +214,10 @@ def main() -> None:
         rows = {k: [ms for ms, _r in v] for k, v in got.items()}
         direct, fell = [r for _ms, r in got["direct"]], [r for _ms, r in got["fallback"]]
         retries = [int(r.headers.get("x-slipway-attempt", "1")) - 1 for r in fell]
-        print(f"\nprovider bench: c=1, {args.requests} requests each, max_tokens {args.max_tokens}, loopback\n")
+        print(
+            f"\nprovider bench: c=1, {args.requests} requests each, max_tokens {args.max_tokens}, "
+            f"ingress {args.ingress}\n"
+        )
         print(f"{'path':<10} {'p50 ms':>8} {'p90 ms':>8}")
         for name, xs in rows.items():
             print(f"{name:<10} {pct(xs, 50):8.2f} {pct(xs, 90):8.2f}")
