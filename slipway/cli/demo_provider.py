@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -49,10 +50,13 @@ def start_upstream(model_dir: Path, log: Path) -> subprocess.Popen[bytes]:
 
     template = Path(tempfile.mkdtemp(prefix="slipway-chat-")) / "chat.jinja"
     template.write_text(TEMPLATE)
+    config = json.loads((model_dir / "config.json").read_text())  # the context the model was built with
+    context = int(config.get("n_positions") or config.get("max_position_embeddings") or 512)
     cmd = [
         _vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "tiny-upstream", "--host", "127.0.0.1", "--port", str(PORT),
-        "--max-model-len", "512", "--enforce-eager", "--chat-template", str(template), "--disable-uvicorn-access-log",
+        "--max-model-len", str(min(512, context)), "--enforce-eager", "--chat-template", str(template),
+        "--disable-uvicorn-access-log",
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     with open(log, "wb") as out:
