@@ -197,7 +197,7 @@ def test_a_config_file_serves_an_adapter_version_on_its_base_s_application():
     assert routes[2]["adapter"] == {"name": "demo-v2", "uri": "s3://b/demo/2-lora", "sha256": "cd" * 32, "base": 1}
     with pytest.raises(ValueError, match="not served here"):
         serve_config([Target("demo", 2, on, "s3://b/demo/2-lora", "cd" * 32, adapter_of=1)])
-    with pytest.raises(ValueError, match="adapters.enabled off"):
+    with pytest.raises(ValueError, match=r"adapters\.enabled off"):
         serve_config([Target("demo", 1, cfg()), Target("demo", 2, on, "s3://b/x", "cd" * 32, adapter_of=1)])
     # without explicit weights the model's versions share its traffic equally
     c = serve_config([Target("demo", 1, on, "s3://b/demo/1"), Target("demo", 2, on, "s3://b/x", adapter_of=1)])
