@@ -6,6 +6,7 @@ that fails mid-canary: rolled back, unloaded from every replica, production unto
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +38,41 @@ def _holders(version: int) -> dict[str, list[str]]:
     return {i["replica"]: sorted(i.get("adapters", {})) for i in _replica_infos(f"{MODEL}-v{version}")}
 
 
+@dataclass
+class World:
+    """The serving stack, and the version of ``tiny-base`` in production there (the base of the fine-tunes)."""
+
+    stack: Any
+    base_version: int
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stack, name)
+
+
 @pytest.fixture(scope="module")
 def world(stack: Any, llm_env: Any, prefect_api: str) -> Any:
-    """``tiny-base`` v1 — the bootstrapped base's weights — as production in the serving stack's registry (the
-    registry its gateway checks keys against), served by the pipeline's own ``local.up``."""
+    """``tiny-base`` — the bootstrapped base's weights — in production in the serving stack's registry (the
+    registry its gateway checks keys against), served by the pipeline's own ``local.up``; production is put back
+    on it afterwards."""
     from slipway.registry import catalog
     from slipway.registry.versions import ArtifactSpec
 
     with llm_env.registry.session() as s:
         prod = catalog.resolve(s, "tiny-base@production")
         arts = [ArtifactSpec(a.kind, a.uri, a.sha256, a.size) for a in prod.artifacts]
-    with stack.registry.session() as s:
-        catalog.create_model(s, name=MODEL)
-        catalog.create_version(s, model=MODEL, version=1, artifacts=arts)
-        catalog.set_alias(s, model=MODEL, alias="production", version=1, expected=None)
-    yield stack
+    with stack.registry.session() as s:  # another module of the session may have registered it already
+        catalog.ensure_model(s, MODEL)
+        prod = catalog.find_alias(s, MODEL, "production")
+        if prod is None:
+            base = catalog.create_version(s, model=MODEL, artifacts=arts).version
+            catalog.set_alias(s, model=MODEL, alias="production", version=base, expected=None)
+        else:
+            base = prod.version.version
+    yield World(stack, base)
+    with stack.registry.session() as s:  # production back on the base, as the session had it
+        now = catalog.get_alias(s, MODEL, "production").version.version
+        if now != base:
+            catalog.set_alias(s, model=MODEL, alias="production", version=base, expected=now)
     import ray
     from ray import serve
 
@@ -116,12 +137,12 @@ def test_the_rollback_drill_with_an_adapter_candidate_unloads_it_and_leaves_prod
         candidate = catalog.resolve(s, steps["finetune"].outputs["version"])
         number = candidate.version
         assert [a.kind for a in candidate.artifacts if a.kind == "adapter"] == ["adapter"]
-        assert candidate.base_version.version == 1
+        assert candidate.base_version.version == world.base_version
         assert candidate.status == "rejected"
-        assert catalog.get_alias(s, MODEL, "production").version.version == 1
+        assert catalog.get_alias(s, MODEL, "production").version.version == world.base_version
     assert f"{MODEL}-v{number}" not in _apps()  # served as an adapter: it never had an application
     assert str(number) not in control.status()["models"][MODEL]
-    holders = _holders(1)
+    holders = _holders(world.base_version)
     assert holders and all(f"{MODEL}-v{number}" not in held for held in holders.values())
     key = world.key()
     assert all(_complete(world, key, p).status_code == 200 for p in PROMPTS)
@@ -141,18 +162,19 @@ def test_a_lora_fine_tune_promoted_by_the_pipeline_is_served_as_an_adapter_on_pr
         assert catalog.get_alias(s, MODEL, "production").version.version == number
         mv = catalog.resolve(s, f"{MODEL}:{number}")
         adapter = next((a.uri, a.sha256) for a in mv.artifacts if a.kind == "adapter")
-        base = next((a.uri, a.sha256) for a in mv.base_version.artifacts if a.kind == "model")
-    # served as an adapter of v1 on v1's replicas, at 100 %; v1 stays deployed at weight 0 under it
+        weights = next((a.uri, a.sha256) for a in mv.base_version.artifacts if a.kind == "model")
+    # served as an adapter of the base on the base's replicas, at 100 %; the base stays deployed at weight 0
+    base = world.base_version
     row = control.status()["models"][MODEL]
-    assert row[str(number)]["adapter_of"] == 1 and row[str(number)]["weight"] == 1.0
+    assert row[str(number)]["adapter_of"] == base and row[str(number)]["weight"] == 1.0
     assert row[str(number)]["replicas"], row
-    assert _apps() - apps_before <= {f"{MODEL}-v1"} and f"{MODEL}-v{number}" not in _apps()
-    assert all(f"{MODEL}-v{number}" in held for held in _holders(1).values())
+    assert _apps() - apps_before <= {f"{MODEL}-v{base}"} and f"{MODEL}-v{number}" not in _apps()
+    assert all(f"{MODEL}-v{number}" in held for held in _holders(base).values())
     # its answers through the gateway are the merged model's, not the base's
     key = world.key()
     served = [_complete(world, key, p).json()["choices"][0]["text"] for p in PROMPTS]
-    assert served == _greedy(*base, adapter)
-    assert served != _greedy(*base, None)
+    assert served == _greedy(*weights, adapter)
+    assert served != _greedy(*weights, None)
     deadline = time.monotonic() + 30  # the usage rows name the adapter version
     from sqlalchemy import select
 

@@ -93,8 +93,13 @@ def test_a_pipeline_canary_of_an_identical_candidate_completes_on_its_evidence(
     prefect_api,
     tmp_path,
 ) -> None:
+    from slipway.registry import leases
+    from slipway.serve.canary import promotion
+
     reg = canary_model
     result, candidate = _run(stack, reg, tmp_path, None)
+    with reg.session() as s:  # a completed canary keeps the promotion lease for its promote step: none here
+        leases.release(s, model="canary", holder=promotion.holder_id(result.run_id))
     assert result.status == "succeeded", result.error
     out = result.outputs["canary"]
     assert out["outcome"] == "completed" and out["decided_by"] == "sequential"

@@ -209,6 +209,37 @@ def stack(
         serve.delete(app)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _serve_apps_left_by_the_module() -> Iterator[None]:
+    """Delete the Serve applications a test module deployed and left running (and their routing-table entries):
+    the session's Ray has 2 CPUs, and replicas a module forgot would leave later modules' deployments pending
+    forever. The session's own applications (the ``stack`` fixture's) stay."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray import serve
+
+    from slipway.serve.gateway import GATEWAY_APP
+    from slipway.serve.store import get_store
+
+    keep = {GATEWAY_APP, f"{TINY}-v1", f"{ECHO}-v1", f"{ECHO}-v2"}
+    try:
+        apps = set(serve.status().applications)
+    except Exception:  # no Serve in this session
+        return
+    gone = apps - keep
+    store = get_store()
+    _rev, table = ray.get(store.snapshot.remote())
+    for model, entry in table.items():
+        for v, e in list(entry["versions"].items()):
+            if e["app"] in gone:
+                ray.get(store.drop_version.remote(model, int(v)))
+    for app in gone:
+        serve.delete(app)
+
+
 def _wait_ready(base: str, timeout_s: float = 60.0) -> None:
     import httpx
 

@@ -127,6 +127,8 @@ def test_an_llm_judge_served_by_the_gateway_is_asked_in_both_orders(stack, canar
 def test_a_pairs_shadow_answer_is_prompt_logged_redacted_for_an_opted_in_model(stack, prompt_log_vault):
     """``tiny`` opted in to prompt logging: with a second version mirrored, a request's pair reaches the controller's
     queue, and the shadow's answer is in the prompt log (redacted, sealed) under ``<request id>:shadow``."""
+    import random
+    import string
     import time
 
     import ray
@@ -145,7 +147,9 @@ def test_a_pairs_shadow_answer_is_prompt_logged_redacted_for_an_opted_in_model(s
     try:
         control.set_weights(TINY, {1: 1.0}, shadow={2: 1.0})
         client = stack.client(stack.key())
-        pii = f"mail ana.lopez@example.org about order {time.time_ns()}"  # unique: a cache hit is not mirrored
+        # unique (a cache hit is not mirrored) and in letters: a long number may pass the card check and be redacted
+        tag = "".join(random.choices(string.ascii_lowercase, k=16))
+        pii = f"mail ana.lopez@example.org about order {tag}"
         r = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": pii}], max_tokens=4)
         rid = r.id.split("-", 1)[1]
         pair, deadline = None, time.monotonic() + 20

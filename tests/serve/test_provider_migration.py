@@ -91,8 +91,10 @@ def test_a_fine_tune_replaces_the_provider_route_through_the_unchanged_canary_an
         {"apiVersion": "slipway/v1", "kind": "CostBudget", "name": "b", "pricing": {"default_gpu_hour": 2.0}}
     )
     now = dt.datetime.now(dt.UTC)
-    report = costreport.build(stack.registry, budget, since=now - dt.timedelta(hours=1), until=now, by=["version"])
-    by = {r["version"]: r for r in report.rows if r["version"] is not None}
+    # by model and version: other models of the session have versions of the same numbers
+    window = {"since": now - dt.timedelta(hours=1), "until": now}
+    report = costreport.build(stack.registry, budget, **window, by=["model", "version"])
+    by = {r["version"]: r for r in report.rows if r["model"] == MODEL and r["version"] is not None}
     p, c = by[int(provider.split(":")[1])], by[int(candidate.split(":")[1])]
     assert p["token_cost"] == pytest.approx((p["prompt_tokens"] * 0.15 + p["completion_tokens"] * 0.6) / 1000)
     assert p["token_cost"] > 0 and c["token_cost"] == 0 and c["compute_cost"] > 0
